@@ -1,0 +1,49 @@
+# ubd test bench. Every recipe first makes sure the host has what it needs (vm/setup.sh).
+set positional-arguments
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+py := ".venv/bin/python"
+
+# List the recipes.
+default:
+    @just --list
+
+# Install the host's packages and the .venv (idempotent; quiet when nothing is missing).
+setup:
+    @vm/setup.sh
+
+# Run scenarios: `just run scenario/kill_daemon`; no argument lists them.
+run *ARGS: setup
+    @{{py}} -m vm.scenario run "$@"
+
+# Run every shipped scenario.
+run-all *ARGS: setup
+    @{{py}} -m vm.scenario run-all "$@"
+
+# The whole test suite: host tests, guest tests and scenarios (boots real guests).
+test *ARGS: setup
+    @{{py}} -m pytest "$@"
+
+# Host-only tests (no VM).
+test-host *ARGS: setup
+    @{{py}} -m pytest tests/host "$@"
+
+# Build the guest image if its recipe changed; `just image --rebuild` forces it.
+image *ARGS: setup
+    @{{py}} -m vm image "$@"
+
+# An interactive root shell in a fresh guest, torn down on exit.
+shell *ARGS: setup
+    @{{py}} -m vm shell "$@"
+
+# One command in a fresh guest: `just vm-exec -- uname -r`; its exit status becomes ours.
+vm-exec *ARGS: setup
+    @{{py}} -m vm exec "$@"
+
+# Cold boot time to SSH-ready: min / median / max over several boots.
+bench-boot *ARGS: setup
+    @{{py}} -m vm bench-boot "$@"
+
+# The Python server against the kernel's loop and null_blk drivers; `--quick` for a short preset.
+bench *ARGS: setup
+    @{{py}} -m bench "$@"

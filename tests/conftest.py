@@ -1,0 +1,78 @@
+"""Shared fixtures: booted guests. `guest` is shared by the tests that cannot harm it (rebooted only if
+a test left it dead); `fresh_guest` is a new one for tests that crash or taint the kernel.
+
+There are no skips: a VM test whose prerequisites are missing fails, in CI and everywhere else."""
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from vm.guest import Guest, GuestOptions
+from vm.paths import results_dir
+
+_RUN = results_dir() / ("pytest-" + time.strftime("%Y%m%d-%H%M%S"))
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pytest_configure(config):
+    # SIGTERM unwinds like Ctrl-C, so fixtures stop their QEMUs.
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
+def _opts(name) -> GuestOptions:
+    run_dir = _RUN / name
+    return GuestOptions(flavour=os.environ.get("UBD_FLAVOUR", "cloud"),
+                        accel=os.environ.get("UBD_ACCEL", "auto"), run_dir=run_dir,
+                        log=lambda msg: print(msg, flush=True))
+
+
+class GuestPool:
+    """One shared guest; a new one replaces it when a test left it dead."""
+
+    def __init__(self):
+        self.current = None
+        self.boots = 0
+
+    def get(self) -> Guest:
+        if self.current is None or not self.current.is_alive():
+            self.close()
+            self.boots += 1
+            g = Guest(_opts(f"shared-guest-{self.boots}"))
+            g.__enter__()
+            self.current = g
+        return self.current
+
+    def close(self):
+        if self.current is not None:
+            self.current.stop()
+            self.current = None
+
+
+@pytest.fixture(scope="session")
+def guest_pool():
+    pool = GuestPool()
+    yield pool
+    pool.close()
+
+
+@pytest.fixture
+def guest(guest_pool) -> Guest:
+    return guest_pool.get()
+
+
+@pytest.fixture
+def fresh_guest(request) -> Guest:
+    g = Guest(_opts("fresh-" + request.node.name.replace("/", "_")[:80]))
+    with g:
+        yield g
+
+
+@pytest.fixture
+def run_dir() -> Path:
+    _RUN.mkdir(parents=True, exist_ok=True)
+    return _RUN

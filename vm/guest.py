@@ -1,0 +1,142 @@
+"""A booted guest: machine + SSH session, with the Python server pushed in. The unit tests and the
+scenario engine work with."""
+import shlex
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import flavours, image as image_mod
+from .errors import BootTimeout, GuestLost, KernelPanic
+from .machine import Machine
+from .paths import UBDSRV_DIR
+from .ssh import ExecResult, Session, wait_ready
+
+GUEST_UBD_DIR = "/opt/ubd"
+BOOT_DEADLINE = 120.0  # generous: TCG on a loaded host; a normal cold boot takes ~6 s here
+
+
+@dataclass
+class GuestOptions:
+    flavour: str = flavours.DEFAULT
+    accel: str = "auto"
+    cpus: int = 2
+    memory: str = "2G"
+    run_dir: Path = None  # where console.log and the overlay go; a temp dir when None
+    boot_deadline: float = BOOT_DEADLINE
+    push_server: bool = True
+    append: str = ""
+    log: object = field(default=print, repr=False)
+
+
+class Guest:
+    def __init__(self, opts: GuestOptions = None):
+        self.opts = opts or GuestOptions()
+        self.machine = None
+        self.session = None
+        self._tmp = None
+        self.boot_seconds = None
+
+    # --- lifecycle -------------------------------------------------------------------------------
+    def __enter__(self):
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def start(self):
+        o = self.opts
+        img = image_mod.ensure(o.flavour, log=o.log)
+        run_dir = o.run_dir
+        if run_dir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="ubd-guest-")
+            run_dir = Path(self._tmp.name)
+        self.machine = Machine(img, run_dir, cpus=o.cpus, memory=o.memory, accel=o.accel,
+                               append=o.append, log=o.log)
+        self.machine.start()
+        self.session = Session("127.0.0.1", self.machine.port, img.client_key, img.host_key_pub)
+        wait_ready(self.session, self.machine.started_at + o.boot_deadline, self.machine.alive,
+                   self._boot_failure)
+        self.boot_seconds = time.monotonic() - self.machine.started_at
+        if o.push_server:
+            self.push_server()
+
+    def _boot_failure(self, why, last_error):
+        tail = self.machine.console_tail()
+        if self.machine.panicked():
+            return KernelPanic(f"the guest kernel panicked while booting; console tail:\n{tail}", tail)
+        if why == "exited":
+            err = self.machine.stderr_path.read_text(errors="replace").strip()
+            return GuestLost(f"QEMU exited while the guest booted ({err or 'no error printed'}); "
+                             f"console tail:\n{tail}", tail)
+        return BootTimeout(f"the guest did not answer SSH within {self.opts.boot_deadline:g} s "
+                           f"(last error: {last_error}); console tail:\n{tail}", tail)
+
+    def stop(self):
+        if self.machine is not None:
+            self.machine.stop(poweroff=self._poweroff if self.session else None)
+        if self.session is not None:
+            self.session.close()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def _poweroff(self):
+        # busybox init runs the shutdown script and powers off; don't wait for an answer.
+        chan = self.session.client.get_transport().open_session(timeout=3)
+        chan.exec_command("busybox poweroff")
+
+    # --- use -------------------------------------------------------------------------------------
+    @property
+    def accel(self):
+        return self.machine.accel
+
+    @property
+    def console_log(self) -> Path:
+        return self.machine.console_log
+
+    def is_alive(self) -> bool:
+        return self.machine is not None and self.machine.alive()
+
+    def exec(self, command, timeout=60.0, check=False, **kw) -> ExecResult:
+        try:
+            return self.session.exec(command, timeout=timeout, check=check, alive=self.is_alive, **kw)
+        except GuestLost as e:
+            raise self._lost(e) from e
+
+    def _lost(self, e: GuestLost):
+        # QEMU exits on panic (panic=-1, -no-reboot); give it a moment to finish writing the console.
+        self.machine.wait_exit(5)
+        tail = self.machine.console_tail()
+        if self.machine.panicked():
+            return KernelPanic(f"guest kernel panic ({e}); console tail:\n{tail}", tail)
+        return GuestLost(f"{e}; console tail:\n{tail}", tail)
+
+    def push(self, local, remote):
+        self.session.push(Path(local), remote)
+
+    def pull(self, remote, local):
+        self.session.pull(remote, Path(local))
+
+    def push_server(self):
+        """Installs the current ubdsrv/ as /opt/ubd/ubdsrv (the `ublk` wrapper is in the image)."""
+        self.exec(f"rm -rf {GUEST_UBD_DIR}/ubdsrv", timeout=30, check=True)
+        self.push(UBDSRV_DIR, f"{GUEST_UBD_DIR}/ubdsrv")
+
+    def ssh_argv(self) -> list:
+        """OpenSSH command line for this guest, pinned to the image's host key like the bench is."""
+        img = self.machine.image
+        known = self.machine.run_dir / "known_hosts"
+        known.write_text(f"[127.0.0.1]:{self.machine.port} {img.host_key_pub.read_text().strip()}\n")
+        return ["ssh", "-i", str(img.client_key), "-p", str(self.machine.port),
+                "-o", f"UserKnownHostsFile={known}", "-o", "StrictHostKeyChecking=yes",
+                "-o", "LogLevel=ERROR", "root@127.0.0.1"]
+
+    def ssh_command(self) -> str:
+        """What a user types to log into this guest while it stays up."""
+        return shlex.join(self.ssh_argv())

@@ -1,0 +1,173 @@
+"""One QEMU process: direct kernel boot on a throw-away overlay, SSH forwarded, QMP, serial log.
+
+No QEMU may outlive its Machine: stop() escalates from the guest's poweroff to QMP quit to SIGKILL,
+QEMU gets PR_SET_PDEATHSIG so it dies with us even on SIGKILL, and an atexit hook kills leftovers."""
+import atexit
+import ctypes
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from . import accel as accel_probe
+from .errors import SetupError
+from .image import Image
+from .ports import free_port
+
+QEMU = "qemu-system-x86_64"
+PANIC_MARKERS = ("Kernel panic - not syncing", "end Kernel panic")
+_live = set()  # Machines started and not yet stopped, for the atexit hook
+
+
+def _die_with_parent():
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+@atexit.register
+def _kill_leftovers():
+    for m in list(_live):
+        m.kill()
+
+
+class Machine:
+    def __init__(self, image: Image, run_dir: Path, cpus=2, memory="2G", accel="auto",
+                 append="", log=print):
+        self.image = image
+        self.run_dir = Path(run_dir)
+        self.cpus = cpus
+        self.memory = memory
+        self.requested_accel = accel
+        self.extra_append = append
+        self.log = log
+        self.accel = None
+        self.port = None
+        self.proc = None
+        self.console_log = self.run_dir / "console.log"
+        # A UNIX socket path must fit in 108 bytes: keep it short, whatever the run directory is.
+        self._sock_dir = Path(tempfile.mkdtemp(prefix="ubd-qmp-"))
+        self.qmp_path = self._sock_dir / "qmp.sock"
+        self.overlay = self.run_dir / "overlay.qcow2"
+        self.started_at = None
+
+    # --- start -----------------------------------------------------------------------------------
+    def _choose_accel(self, qemu) -> str:
+        if self.requested_accel == "tcg":
+            return "tcg"
+        works = accel_probe.kvm_works(qemu, self.image.kernel)
+        if self.requested_accel == "kvm" and not works:
+            raise SetupError("KVM was requested (--accel kvm) but QEMU cannot run a guest with it here "
+                             "(a test start failed); use --accel auto or tcg")
+        return "kvm" if works else "tcg"
+
+    def _cmdline(self, qemu):
+        append = ("console=ttyS0 root=/dev/vda rw panic=-1 net.ifnames=0 random.trust_cpu=on "
+                  "8250.nr_uarts=1 " + self.extra_append).strip()
+        accel = ["-accel", "kvm", "-cpu", "host"] if self.accel == "kvm" else \
+                ["-accel", "tcg,thread=multi", "-cpu", "max"]
+        return [qemu, "-name", "ubd-guest", "-M", "pc", *accel, "-smp", str(self.cpus),
+                "-m", str(self.memory), "-nodefaults", "-no-user-config", "-display", "none",
+                "-no-reboot",  # a panic (panic=-1) or reboot ends QEMU: we see it at once
+                "-kernel", str(self.image.kernel), "-initrd", str(self.image.initrd), "-append", append,
+                "-drive", f"file={self.overlay},if=virtio,format=qcow2,cache=unsafe,discard=unmap",
+                "-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{self.port}-:22",
+                "-device", "virtio-net-pci,netdev=net0",
+                "-chardev", f"file,id=console,path={self.console_log}", "-serial", "chardev:console",
+                "-qmp", f"unix:{self.qmp_path},server=on,wait=off"]
+
+    def start(self):
+        qemu = shutil.which(QEMU)
+        if not qemu:
+            raise SetupError(f"{QEMU} is not installed: run vm/setup.sh (or `just setup`)")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.accel = self._choose_accel(qemu)
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b",
+                        str(self.image.rootfs), str(self.overlay)], check=True)
+        for attempt in range(3):  # the port may be taken between probing and QEMU's bind
+            self.port = free_port()
+            self.console_log.write_bytes(b"")
+            self.stderr_path = self.run_dir / "qemu.stderr"
+            with open(self.stderr_path, "wb") as err:
+                self.proc = subprocess.Popen(self._cmdline(qemu), stdin=subprocess.DEVNULL,
+                                             stdout=err, stderr=err, preexec_fn=_die_with_parent)
+            _live.add(self)
+            self.started_at = time.monotonic()
+            time.sleep(0.3)
+            if self.proc.poll() is None:
+                break
+            _live.discard(self)
+            err = self.stderr_path.read_text(errors="replace").strip()
+            if "hostfwd" not in err and "Could not set up host forwarding" not in err:
+                raise SetupError(f"QEMU failed to start (exit {self.proc.returncode}): {err}")
+        else:
+            raise SetupError(f"QEMU could not forward SSH from a free port after 3 tries: {err}")
+        how = "KVM" if self.accel == "kvm" else "TCG (software emulation; KVM is not usable here)"
+        self.log(f"guest: QEMU pid {self.proc.pid} running under {how}, ssh on 127.0.0.1:{self.port}")
+
+    # --- state -----------------------------------------------------------------------------------
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def console_tail(self, lines=40) -> str:
+        try:
+            text = self.console_log.read_bytes().decode(errors="replace")
+        except FileNotFoundError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def panicked(self) -> bool:
+        try:
+            text = self.console_log.read_bytes().decode(errors="replace")
+        except FileNotFoundError:
+            return False
+        return any(m in text for m in PANIC_MARKERS)
+
+    def wait_exit(self, timeout) -> bool:
+        try:
+            self.proc.wait(timeout=timeout)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+
+    # --- stop ------------------------------------------------------------------------------------
+    def qmp_quit(self) -> bool:
+        try:
+            from qemu.qmp.legacy import QEMUMonitorProtocol
+            qmp = QEMUMonitorProtocol(str(self.qmp_path))
+            qmp.connect()
+            try:
+                qmp.cmd("quit")
+            finally:
+                qmp.close()
+        except Exception:  # QEMU may already be gone, or the monitor wedged: kill() follows
+            return False
+        return True
+
+    def stop(self, poweroff=None, deadline=10.0):
+        """poweroff: a callable asking the guest to power off; then QMP quit; then SIGKILL."""
+        if self.proc is None:
+            return
+        try:
+            if self.alive() and poweroff is not None:
+                try:
+                    poweroff()
+                except Exception:
+                    pass
+                self.wait_exit(deadline)
+            if self.alive() and self.qmp_quit():
+                self.wait_exit(3)
+        finally:
+            self.kill()
+
+    def kill(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        _live.discard(self)
+        try:
+            self.overlay.unlink()
+        except FileNotFoundError:
+            pass
+        shutil.rmtree(self._sock_dir, ignore_errors=True)
