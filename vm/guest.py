@@ -13,6 +13,7 @@ from .paths import UBDSRV_DIR
 from .ssh import ExecResult, Session, wait_ready
 
 GUEST_UBD_DIR = "/opt/ubd"
+SSHD_READY_MARKER = b"Server listening on"  # sshd -D -e logs to the console (vm/guestfs/etc/inittab)
 BOOT_DEADLINE = 120.0  # generous: TCG on a loaded host; a normal cold boot takes ~6 s here
 
 
@@ -60,11 +61,22 @@ class Guest:
                                append=o.append, log=o.log)
         self.machine.start()
         self.session = Session("127.0.0.1", self.machine.port, img.client_key, img.host_key_pub)
+        self._wait_for_sshd(self.machine.started_at + o.boot_deadline)
         wait_ready(self.session, self.machine.started_at + o.boot_deadline, self.machine.alive,
                    self._boot_failure)
         self.boot_seconds = time.monotonic() - self.machine.started_at
         if o.push_server:
             self.push_server()
+
+    def _wait_for_sshd(self, deadline):
+        """Waits for sshd's "listening" line on the console. Connecting earlier costs seconds: QEMU
+        accepts the TCP connection while the guest's network is still down and the banner never comes."""
+        while not self.machine.console_contains(SSHD_READY_MARKER):
+            if not self.machine.alive():
+                raise self._boot_failure("exited", None)
+            if time.monotonic() > deadline:
+                raise self._boot_failure("timeout", "sshd never reported listening on the console")
+            time.sleep(0.05)
 
     def _boot_failure(self, why, last_error):
         tail = self.machine.console_tail()

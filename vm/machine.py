@@ -117,6 +117,12 @@ class Machine:
             return ""
         return "\n".join(text.splitlines()[-lines:])
 
+    def console_contains(self, marker: bytes) -> bool:
+        try:
+            return marker in self.console_log.read_bytes()
+        except FileNotFoundError:
+            return False
+
     def panicked(self) -> bool:
         try:
             text = self.console_log.read_bytes().decode(errors="replace")
