@@ -50,9 +50,10 @@ class Image:
 def recipe_hash(flavour: flavours.Flavour) -> str:
     h = hashlib.sha256()
     h.update(repr((flavour, PACKAGES, ROOTFS_SIZE)).encode())
-    files = list(RECIPE_FILES) + sorted(p for p in GUESTFS_DIR.rglob("*") if p.is_file())
-    for p in files:
-        h.update(str(p.relative_to(GUESTFS_DIR.parent)).encode())
+    for p in RECIPE_FILES:
+        h.update(p.name.encode() + p.read_bytes())
+    for p in sorted(p for p in GUESTFS_DIR.rglob("*") if p.is_file()):
+        h.update(str(p.relative_to(GUESTFS_DIR)).encode() + oct(p.stat().st_mode & 0o111).encode())
         h.update(p.read_bytes())
     return h.hexdigest()[:16]
 
