@@ -39,3 +39,14 @@ def test_missing_qemu_is_a_setup_error_naming_the_fix(tmp_path, monkeypatch):
         assert "qemu-system-x86_64 is not installed" in str(e) and "setup" in str(e)
     else:
         raise AssertionError("start() without QEMU did not fail")
+
+
+def test_failed_image_build_exits_2_and_leaves_no_cache_entry(tmp_path):
+    env = dict(__import__("os").environ, UBD_CACHE=str(tmp_path),
+               UBD_DEBIAN_MIRROR="http://127.0.0.1:9/debian")  # nothing listens on port 9
+    r = subprocess.run([sys.executable, "-m", "vm", "image"], cwd=REPO, capture_output=True,
+                       text=True, timeout=300, env=env)
+    assert r.returncode == 2, r.stderr
+    assert "image build failed while running mmdebstrap" in r.stderr
+    left = [p.name for p in (tmp_path / "images").iterdir() if p.name != ".lock"]
+    assert left == []

@@ -1,0 +1,34 @@
+"""No QEMU outlives the command that started it: Ctrl-C and SIGTERM included."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from vm.paths import REPO
+
+
+def _children_qemu(pid):
+    r = subprocess.run(["pgrep", "-P", str(pid), "-f", "qemu-system"], capture_output=True, text=True)
+    return [int(p) for p in r.stdout.split()]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_during_a_guest_command_stops_qemu(sig, tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "vm", "exec", "--run-dir", str(tmp_path), "--",
+                             "echo in-guest; sleep 300"], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "in-guest"  # the guest is up and running the command
+        qemus = _children_qemu(proc.pid)
+        assert len(qemus) == 1
+        proc.send_signal(sig)
+        proc.wait(timeout=60)
+        assert proc.returncode == 130
+        assert "interrupted" in proc.stderr.read()
+        for pid in qemus:
+            assert not os.path.exists(f"/proc/{pid}"), f"QEMU {pid} outlived its command"
+    finally:
+        proc.kill()
