@@ -1,0 +1,1 @@
+"""`python -m bench`: the Python ublk server against the kernel null_blk and loop drivers."""

@@ -1,0 +1,186 @@
+"""The Python ubd server against the guest's ublk_drv: add/list/del, data integrity through the null and
+loop targets, filesystems, discard, NEED_GET_DATA, and refusals. Every test deletes its devices and
+fails on a new BUG/WARNING/Oops line in dmesg."""
+import re
+
+import pytest
+
+BAD_DMESG = re.compile(r"BUG:|WARNING:|Oops|hung task|soft lockup|KASAN|UBSAN|refcount_t")
+
+
+def sh(g, script, timeout=300, ok=True):
+    r = g.exec(script, timeout=timeout)
+    if ok:
+        assert r.status == 0, f"status {r.status}\n--- script\n{script}\n--- stdout\n{r.stdout}\n--- stderr\n{r.stderr}"
+    return r
+
+
+@pytest.fixture
+def g(guest):
+    """The shared guest with ublk_drv loaded; afterwards: devices deleted, dmesg clean."""
+    sh(guest, "modprobe ublk_drv && test -c /dev/ublk-control")
+    before = int(sh(guest, "dmesg | wc -l").stdout)
+    yield guest
+    left = guest.exec("timeout 120 ublk del -a; ls /dev/ublkb* /dev/ublkc* 2>/dev/null; "
+                      "rm -f /root/ubd-*.img", timeout=180)
+    new = sh(guest, f"dmesg | tail -n +{before + 1}").stdout
+    bad = [line for line in new.splitlines() if BAD_DMESG.search(line)]
+    assert not bad, "dmesg:\n" + "\n".join(bad)
+    assert "/dev/ublk" not in left.stdout, f"devices left behind: {left.stdout}"
+
+
+def parse_list(text):
+    """`ublk list` output -> dict per device (fields by position, as scripts read them)."""
+    devs = {}
+    cur = None
+    for line in text.splitlines():
+        f = line.split()
+        if line.startswith("dev id "):
+            cur = {"id": int(f[2].rstrip(":")), "nr_hw_queues": int(f[4]), "queue_depth": int(f[6]),
+                   "block_size": int(f[9]), "dev_capacity": int(f[11]), "queues": []}
+            devs[cur["id"]] = cur
+        elif f[:3] == ["max", "rq", "size"]:
+            cur["max_rq"], cur["pid"], cur["state"] = int(f[3]), int(f[6]), f[8]
+        elif f[:1] == ["flags"]:
+            cur["flags"] = int(f[1], 16)
+            cur["flag_names"] = f[3:-1]
+        elif f[:1] == ["ublkc:"]:
+            cur["ublkc"], cur["ublkb"] = f[1], f[3]
+        elif f[:1] == ["queue"]:
+            cur["queues"].append(int(f[3]))
+        elif f[:1] == ["target"]:
+            cur["target"] = line.split("target ", 1)[1]
+    return devs
+
+
+def nproc(g):
+    return int(sh(g, "nproc").stdout)
+
+
+def test_features_prints_the_drivers_flags(g):
+    r = sh(g, "ublk features")
+    first, *names = r.stdout.splitlines()
+    assert first.startswith("ublk_drv features: 0x")
+    names = [n.strip() for n in names]
+    for expected in ("URING_CMD_COMP_IN_TASK", "NEED_GET_DATA", "RECOVERY", "RECOVERY_REISSUE",
+                     "CMD_IOCTL_ENCODE"):
+        assert expected in names, r.stdout
+
+
+@pytest.mark.parametrize("target", ["null", "loop"])
+@pytest.mark.parametrize("queues", [1, 4])
+def test_add_list_del(g, target, queues):
+    size = 256 << 20
+    extra = f"-s {size}" if target == "null" else "-f /root/ubd-disk.img"
+    add = sh(g, f"truncate -s {size} /root/ubd-disk.img && ublk add -t {target} -n 0 -q {queues} -d 64 {extra}")
+    dev = parse_list(add.stdout)[0]
+    lst = parse_list(sh(g, "ublk list -n 0").stdout)[0]
+    assert dev == lst
+    want_q = min(queues, nproc(g))
+    assert dev["nr_hw_queues"] == want_q and len(dev["queues"]) == want_q
+    assert dev["queue_depth"] == 64 and dev["block_size"] == 512
+    assert dev["dev_capacity"] == size // 512 and dev["state"] == "LIVE"
+    assert f'"name":"{target}"' in dev["target"]
+    pids = [dev["pid"], *dev["queues"]]
+    assert all(p > 1 for p in pids)
+    r = sh(g, f"blockdev --getsize64 /dev/ublkb0; for p in {' '.join(map(str, pids))}; do "
+              "test -d /proc/$p || echo missing $p; done; dd if=/dev/ublkb0 of=/dev/null bs=64k count=16 "
+              "iflag=direct status=none && echo read-ok")
+    assert r.stdout.split() == [str(size), "read-ok"]
+    sh(g, "ublk del -n 0")
+    r = sh(g, f"ls /dev/ublkb0 /dev/ublkc0 2>&1; for p in {' '.join(map(str, pids))}; do "
+              "test -d /proc/$p && echo alive $p; done; ublk list", ok=False)
+    assert "alive" not in r.stdout and "dev id" not in r.stdout
+    assert r.stdout.count("No such file") == 2
+
+
+def test_fio_verify_on_4_queue_loop_and_the_file_holds_the_data(g):
+    sh(g, "truncate -s 256M /root/ubd-verify.img && ublk add -t loop -n 0 -q 4 -f /root/ubd-verify.img")
+    fio = sh(g, "fio --name=verify --filename=/dev/ublkb0 --ioengine=io_uring --direct=1 --rw=randwrite "
+                "--bs=4k --iodepth=64 --numjobs=2 --size=32M --offset_increment=64M --verify=crc32c "
+                "--verify_fatal=1 --group_reporting 2>&1", timeout=900)
+    assert "err= 0" in fio.stdout, fio.stdout   # fio exits non-zero on any verify mismatch
+    dev_sum = sh(g, "sync; sha256sum /dev/ublkb0").stdout.split()[0]
+    sh(g, "ublk del -n 0")
+    file_sum = sh(g, "sha256sum /root/ubd-verify.img").stdout.split()[0]
+    assert dev_sum == file_sum
+
+
+def test_mkfs_mount_write_umount_fsck(g):
+    r = sh(g, """set -e
+truncate -s 512M /root/ubd-fs.img
+ublk add -t loop -n 0 -q 2 -f /root/ubd-fs.img >/dev/null
+mkfs.ext4 -q -F /dev/ublkb0
+mkdir -p /mnt/ubd && mount /dev/ublkb0 /mnt/ubd
+dd if=/dev/urandom of=/mnt/ubd/a bs=1M count=24 status=none
+cp /mnt/ubd/a /mnt/ubd/b && mkdir /mnt/ubd/d && echo hello > /mnt/ubd/d/h
+sha256sum /mnt/ubd/a | cut -d' ' -f1 > /root/ubd-sum
+rm /mnt/ubd/b && fstrim -v /mnt/ubd
+umount /mnt/ubd
+fsck.ext4 -n -f /dev/ublkb0 && echo "fsck clean"
+mount /dev/ublkb0 /mnt/ubd
+test "$(sha256sum /mnt/ubd/a | cut -d' ' -f1)" = "$(cat /root/ubd-sum)" && cat /mnt/ubd/d/h
+umount /mnt/ubd
+""", timeout=600)
+    assert "hello" in r.stdout and "trimmed" in r.stdout
+    assert "fsck clean" in r.stdout   # fsck -n exits non-zero on any inconsistency
+
+
+def test_discard_punches_and_write_zeroes_zero_the_file(g):
+    r = sh(g, """set -e
+head -c 16M /dev/urandom > /root/ubd-z.img
+ublk add -t loop -n 0 -f /root/ubd-z.img >/dev/null
+before=$(du -k /root/ubd-z.img | cut -f1)
+blkdiscard -o 4M -l 4M /dev/ublkb0
+blkdiscard -z -o 8M -l 4M /dev/ublkb0
+ublk del -n 0
+after=$(du -k /root/ubd-z.img | cut -f1)
+echo "blocks $before $after"
+cmp -n 8M -i 4M:0 /root/ubd-z.img /dev/zero && echo zeroed
+""")
+    before, after = map(int, r.stdout.split("blocks ")[1].split()[:2])
+    assert r.stdout.strip().endswith("zeroed")
+    assert after <= before - 4096, r.stdout   # the discarded 4 MiB were punched out
+
+
+@pytest.mark.parametrize("opts", ["-g 1", "--buffered_io", "-g 1 --buffered_io"])
+def test_loop_variants_verify(g, opts):
+    add = sh(g, f"truncate -s 64M /root/ubd-v.img && ublk add -t loop -n 0 -q 2 {opts} -f /root/ubd-v.img")
+    dev = parse_list(add.stdout)[0]
+    assert ("NEED_GET_DATA" in dev["flag_names"]) == ("-g 1" in opts)
+    fio = sh(g, "fio --name=v --filename=/dev/ublkb0 --ioengine=io_uring --direct=1 --rw=randwrite "
+                "--bsrange=4k-128k --iodepth=32 --size=16M --verify=crc32c --verify_fatal=1 2>&1",
+             timeout=600)
+    assert "err= 0" in fio.stdout, fio.stdout
+
+
+def test_null_with_deep_queue_and_flush(g):
+    sh(g, "ublk add -t null -n 0 -q 2 -d 256 -s 1G >/dev/null")
+    fio = sh(g, "fio --name=n --filename=/dev/ublkb0 --ioengine=io_uring --direct=1 --rw=randrw "
+                "--bs=4k --iodepth=128 --numjobs=2 --fsync=8 --runtime=5 --time_based 2>&1", timeout=300)
+    assert "err= 0" in fio.stdout, fio.stdout
+
+
+def test_refusals_are_clear_and_leave_nothing_behind(g):
+    sh(g, "ublk add -t null -n 3 -s 64M >/dev/null")
+    r = sh(g, "ublk add -t null -n 3 -s 64M", ok=False)
+    assert r.status == 1 and "ADD_DEV failed" in r.stderr and "EEXIST" in r.stderr, r.stderr
+    assert parse_list(sh(g, "ublk list -n 3").stdout)[3]["state"] == "LIVE"   # untouched
+    r = sh(g, "ublk add -t null -s 64M -e 1", ok=False)
+    feats = sh(g, "ublk features").stdout
+    if "RECOVERY_FAIL_IO" in feats:
+        assert r.status == 0
+    else:
+        assert r.status == 2 and "-e 1" in r.stderr and "USER_RECOVERY_FAIL_IO" in r.stderr, r.stderr
+    r = sh(g, "ublk del -n 9", ok=False)
+    assert r.status == 1 and "ENODEV" in r.stderr
+    r = sh(g, "ublk recover -n 3", ok=False)
+    assert r.status == 1 and "-r 1" in r.stderr
+    # a server that cannot start (queue rings refused) leaves no device behind
+    r = sh(g, "UBDSRV_RING_FLAGS=0x80000000 ublk add -t null -n 5 -s 64M", ok=False)
+    assert r.status == 1 and "server for device 5 failed to start" in r.stderr, r.stderr
+    assert "io_uring_setup" in r.stderr and "/var/log/ubdsrv/dev5.log" in r.stderr, r.stderr
+    r = sh(g, "ls /dev/ublkc5 /dev/ublkb5 2>&1; ublk list -n 5", ok=False)
+    assert r.stdout.count("No such file") == 2 and "ENODEV" in r.stderr, r.stdout + r.stderr
+    sh(g, "ublk del -a")
+    assert "dev id" not in sh(g, "ublk list").stdout

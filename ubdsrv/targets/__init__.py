@@ -1,0 +1,20 @@
+"""Target registry: adding a target is one module plus one line here."""
+from .base import QUEUED, TGT_IO, Target, TargetError
+from .loop import LoopTarget
+from .null import NullTarget
+
+TARGETS = {t.name: t for t in (NullTarget, LoopTarget)}
+
+
+def get(name):
+    try:
+        return TARGETS[name]
+    except KeyError:
+        raise TargetError(f"-t {name}: unknown target (known: {', '.join(sorted(TARGETS))})") from None
+
+
+def from_spec(spec):
+    return get(spec["name"])(spec)
+
+
+__all__ = ["QUEUED", "TGT_IO", "TARGETS", "Target", "TargetError", "get", "from_spec"]

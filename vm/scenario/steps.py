@@ -1,0 +1,373 @@
+"""What each step kind does in the guest and how its outcome is judged.
+
+A step function gets the running case's context, the Step and its deadline in seconds; it returns a
+short note of what it saw (for the step log) or raises StepFailure. Commands are composed so that
+a step costs one round trip to the guest agent where possible."""
+import shlex
+import signal
+import time
+from dataclasses import dataclass, field
+
+from .errors import EXPECTATION, TIMEOUT, StepFailure
+from .model import WORK_DIR, Case, Device
+
+FIO_DIR = f"{WORK_DIR}/fio"
+
+
+@dataclass
+class Context:
+    """State of one running case, shared by its steps."""
+    case: Case
+    agent: object
+    loop: int = 0                                    # 0-based
+    loop_devices: dict = field(default_factory=dict)  # device name -> /dev/loopN (kernel_loop)
+    running: dict = field(default_factory=dict)       # background job -> its fio Step
+    fio: list = field(default_factory=list)           # summaries of finished fio runs
+    comparisons: list = field(default_factory=list)
+    daemon_pids: dict = field(default_factory=dict)   # device name -> pid seen at add/recover
+
+    def dev_path(self, d: Device) -> str:
+        return self.loop_devices[d.name] if not d.is_ublk else f"/dev/ublkb{d.id}"
+
+    def run(self, cmd, timeout, what, **kw) -> dict:
+        """Runs a shell command; a deadline overrun is a TIMEOUT failure with its output."""
+        r = self.agent.call("run", timeout=timeout, cmd=cmd, **kw)
+        if "error" in r:
+            raise StepFailure(EXPECTATION, f"{what}: agent error: {r['error']}")
+        if r["timed_out"]:
+            stuck = " and could not be killed (stuck in D state)" if r["stuck"] else ""
+            raise StepFailure(TIMEOUT, f"{what} did not finish within {timeout:g} s{stuck}",
+                              expected=f"done within {timeout:g} s", seen=_out(r) or "no output",
+                              evidence=["dmesg.txt (blocked tasks dumped with sysrq-w)"])
+        return r
+
+    def check(self, cmd, timeout, what, **kw) -> dict:
+        r = self.run(cmd, timeout, what, **kw)
+        if r["status"] != 0:
+            raise StepFailure(EXPECTATION, f"{what} failed (exit {r['status']})",
+                              expected="exit status 0", seen=_out(r) or f"exit {r['status']}",
+                              evidence=["server.log", "dmesg.txt"])
+        return r
+
+
+def _out(r, limit=600) -> str:
+    text = (r.get("stderr", "") + "\n" + r.get("stdout", "")).strip()
+    return text if len(text) <= limit else "..." + text[-limit:]
+
+
+def _ublk(ctx, step) -> Device:
+    return ctx.case.devices[step.args["device"]]
+
+
+def _create_file(d: Device) -> str:
+    f = shlex.quote(d.file)
+    return f"mkdir -p $(dirname {f}) && {{ [ -e {f} ] || truncate -s {d.size} {f}; }}"
+
+
+# --- devices -------------------------------------------------------------------------------------
+def add_command(d: Device) -> str:
+    """The peers' CLI, as a user would type it."""
+    args = ["ublk", "add", "-t", d.target, "-n", str(d.id), "-q", str(d.queues), "-d", str(d.depth)]
+    for opt, on in (("-g", d.need_get_data), ("-r", d.recovery), ("-i", d.recovery_reissue),
+                    ("-e", d.recovery_fail_io)):
+        if on:
+            args += [opt, "1"]
+    if d.target == "loop":
+        args += ["-f", d.file]
+        if d.buffered_io:
+            args.append("--buffered_io")
+    else:
+        args += ["-s", str(d.size)]
+    return shlex.join(args)
+
+
+def step_add(ctx, step, timeout):
+    d = _ublk(ctx, step)
+    prep = _create_file(d) + " && " if d.file else ""
+    if not d.is_ublk:
+        r = ctx.check(f"{prep}modprobe loop && losetup --direct-io=on -f --show "
+                      f"{shlex.quote(d.file)}", timeout, f"losetup {d.file}")
+        ctx.loop_devices[d.name] = r["stdout"].strip().splitlines()[-1]
+        return ctx.loop_devices[d.name]
+    ctx.check(prep + add_command(d), timeout, f"ublk add ({d.name})")
+    info = ctx.agent.call("ublk_info", timeout=30, dev=d.id)
+    if info.get("state") != "LIVE":
+        raise StepFailure(EXPECTATION, f"device {d.name} is not LIVE after `ublk add`",
+                          expected="state LIVE", seen=info.get("raw") or str(info),
+                          evidence=["server.log"])
+    ctx.daemon_pids[d.name] = info["daemon_pid"]
+    return f"/dev/ublkb{d.id} LIVE, daemon pid {info['daemon_pid']}"
+
+
+def step_delete(ctx, step, timeout):
+    d = _ublk(ctx, step)
+    if not d.is_ublk:
+        ctx.check(f"losetup -d {ctx.loop_devices.pop(d.name)}", timeout, f"losetup -d ({d.name})")
+        return "detached"
+    r = ctx.check(f"ublk del -n {d.id}", timeout, f"ublk del -n {d.id} ({d.name})")
+    return f"deleted in {r['elapsed']:.1f} s"
+
+
+def _target_pid(ctx, d: Device, queue=None) -> int:
+    info = ctx.agent.call("ublk_info", timeout=30, dev=d.id)
+    pid = info.get("daemon_pid") if queue is None else info.get("queue_tids", {}).get(str(queue))
+    who = "daemon" if queue is None else f"queue {queue} task"
+    # Never signal a pid we could not read: an empty or small pid reaches process groups.
+    if not isinstance(pid, int) or pid <= 1:
+        raise StepFailure(EXPECTATION, f"no valid {who} pid for {d.name} in `ublk list -n {d.id}`",
+                          expected=f"a {who} pid > 1", seen=info.get("raw") or "nothing listed",
+                          evidence=["server.log"])
+    return pid
+
+
+def _signal(ctx, d, pid, sig):
+    r = ctx.agent.call("signal", timeout=10, pid=pid, signal=sig)
+    if not r.get("sent"):
+        raise StepFailure(EXPECTATION, f"could not signal {d.name}: {r.get('error')}",
+                          expected="a ubdsrv process to signal", seen=r.get("error", ""))
+
+
+def step_kill(ctx, step, timeout):
+    d, sig, q = _ublk(ctx, step), step.args["signal"], step.args["queue"]
+    pid = _target_pid(ctx, d, q)
+    _signal(ctx, d, pid, sig)
+    return f"sent {signal.Signals(sig).name} to pid {pid}"
+
+
+def step_stop(ctx, step, timeout):
+    d = _ublk(ctx, step)
+    pid = _target_pid(ctx, d)
+    _signal(ctx, d, pid, signal.SIGTERM)
+    r = ctx.agent.call("wait_exit", timeout=timeout, pid=pid)
+    if not r.get("exited"):
+        raise StepFailure(TIMEOUT, f"daemon {pid} of {d.name} did not exit after SIGTERM",
+                          expected=f"exit within {timeout:g} s", seen=f"state {r.get('state')}",
+                          evidence=["server.log"])
+    return f"daemon {pid} exited"
+
+
+BUSY = ("EBUSY", "busy", "errno 16", "Errno 16")
+
+
+def step_recover(ctx, step, timeout):
+    """6.12 answers START_USER_RECOVERY with EBUSY until the old daemon's fd is closed: retry."""
+    d = _ublk(ctx, step)
+    deadline = time.monotonic() + timeout
+    tries = 0
+    while True:
+        tries += 1
+        left = max(1.0, deadline - time.monotonic())
+        r = ctx.run(f"ublk recover -n {d.id}", left, f"ublk recover -n {d.id}")
+        if r["status"] == 0:
+            return f"recovered after {tries} attempt(s)"
+        if not any(b in _out(r, 4000) for b in BUSY) or time.monotonic() > deadline:
+            raise StepFailure(EXPECTATION, f"ublk recover -n {d.id} ({d.name}) failed",
+                              expected="exit status 0", seen=_out(r), evidence=["server.log"])
+        time.sleep(0.5)
+
+
+def step_wait_state(ctx, step, timeout):
+    d, want, within = _ublk(ctx, step), step.args["state"], step.args["within"]
+    r = ctx.agent.call("wait_state", timeout=within + 30, dev=d.id, state=want, within=within)
+    if "error" in r:
+        raise StepFailure(EXPECTATION, f"reading the state of {d.name}: {r['error']}")
+    path = " -> ".join(f"{s}@{t:g}s" for t, s in r["history"])
+    if not r["reached"]:
+        raise StepFailure(EXPECTATION, f"{d.name} did not reach {want} within {within:g} s",
+                          expected=f"state {want} within {within:g} s",
+                          seen=f"{r['state']} after {r['elapsed']:.1f} s (states seen: {path})",
+                          evidence=["server.log", "dmesg.txt"])
+    return f"{want} after {r['elapsed']:.1f} s"
+
+
+# --- IO ------------------------------------------------------------------------------------------
+def fio_command(ctx, step) -> tuple:
+    """(command, json path). Verify jobs get disjoint regions, so parallel jobs don't overwrite
+    each other's blocks and a crc32c mismatch means the data path lost or mixed data."""
+    a = step.args
+    if a["device"]:
+        d = ctx.case.devices[a["device"]]
+        target, total = ctx.dev_path(d), d.size
+    else:
+        target, total = a["file"], a["size"] * a["numjobs"]
+    out = f"{FIO_DIR}/{a['job']}-loop{ctx.loop + 1}.json"
+    args = ["fio", f"--name={a['job']}", f"--filename={target}", f"--rw={a['rw']}",
+            f"--bs={a['bs']}", f"--iodepth={a['iodepth']}", f"--numjobs={a['numjobs']}",
+            f"--ioengine={a['ioengine']}", f"--direct={int(a['direct'])}", "--group_reporting",
+            "--output-format=json", f"--output={out}"]
+    if a["runtime"]:
+        args += [f"--runtime={a['runtime']:g}", "--time_based"]
+    size = a["size"]
+    if a["verify"] != "none":
+        per_job = (size or total // a["numjobs"]) // a["bs"] * a["bs"]
+        args += [f"--verify={a['verify']}", "--do_verify=1", "--verify_fatal=1",
+                 "--verify_state_save=0", f"--size={per_job}", f"--offset_increment={per_job}"]
+    elif size:
+        args.append(f"--size={size}")
+    return f"mkdir -p {FIO_DIR} && " + shlex.join(args), out
+
+
+def judge_fio(step, status, summary, output) -> str:
+    """Checks a finished fio run against the step's `expect`; returns what was seen."""
+    expect = step.args["expect"]
+    errors = (summary or {}).get("errors")
+    failed = status != 0 or bool(errors)
+    seen = f"fio exit {status}" + (f", {summary['error_text']}" if errors else "")
+    if status != 0 and output.strip():
+        seen += "; " + output.strip().splitlines()[-1][:300]
+    if expect == "ok" and failed:
+        raise StepFailure(EXPECTATION, f"fio job {step.args['job']} failed",
+                          expected="fio exit 0, no IO errors" +
+                          (", data verified" if step.args["verify"] != "none" else ""),
+                          seen=seen, evidence=[f"fio/{step.args['job']}-*.json", "dmesg.txt"])
+    if expect == "errors" and not failed:
+        raise StepFailure(EXPECTATION, f"fio job {step.args['job']} saw no IO errors",
+                          expected="IO errors (the device should fail IO here)", seen=seen,
+                          evidence=[f"fio/{step.args['job']}-*.json"])
+    return seen
+
+
+def _record_fio(ctx, step, r):
+    s = dict(r.get("fio") or {})
+    s.update(job=step.args["job"], loop=ctx.loop + 1, status=r["status"], step=step.describe())
+    ctx.fio.append(s)
+    return s
+
+
+def step_fio(ctx, step, timeout):
+    cmd, out = fio_command(ctx, step)
+    if step.args["background"]:
+        ctx.agent.call("spawn", timeout=10, job=step.args["job"], cmd=cmd, cwd=WORK_DIR)
+        ctx.running[step.args["job"]] = step
+        return "started in the background"
+    r = ctx.run(cmd, timeout, f"fio {step.args['job']}", fio_json=out, cwd=WORK_DIR)
+    s = _record_fio(ctx, step, r)
+    return judge_fio(step, r["status"], s, r["stderr"] + r["stdout"]) + _rate(s)
+
+
+def reap(ctx, job, timeout) -> str:
+    """Waits for a background fio and judges it (used by `wait` and at the end of a loop)."""
+    step = ctx.running.pop(job)
+    out = f"{FIO_DIR}/{job}-loop{ctx.loop + 1}.json"
+    r = ctx.agent.call("reap", timeout=timeout, job=job, fio_json=out)
+    if "error" in r:
+        raise StepFailure(EXPECTATION, f"reaping fio {job}: {r['error']}")
+    if r["timed_out"]:
+        raise StepFailure(TIMEOUT, f"background fio {job} did not end within {timeout:g} s "
+                                   "(IO hung?)", expected=f"fio done within {timeout:g} s",
+                          seen=r["out"][-400:] or "no output", evidence=["dmesg.txt"])
+    s = _record_fio(ctx, step, r)
+    return judge_fio(step, r["status"], s, r["out"]) + _rate(s)
+
+
+def _rate(s):
+    if not s.get("parsed"):
+        return ""
+    return f" ({s['read_iops'] + s['write_iops']:.0f} IOPS)"
+
+
+def step_wait(ctx, step, timeout):
+    return reap(ctx, step.args["job"], timeout)
+
+
+def step_compare(ctx, step, timeout):
+    a, b = step.args["jobs"]
+    runs = {s["job"]: s for s in ctx.fio if s["loop"] == ctx.loop + 1}
+    ra, rb = runs.get(a), runs.get(b)
+    if not (ra and rb and ra.get("parsed") and rb.get("parsed")):
+        raise StepFailure(EXPECTATION, f"compare: no fio numbers for {a} and {b}",
+                          expected="both jobs finished with JSON output", seen=str(list(runs)))
+    ia, ib = ra["read_iops"] + ra["write_iops"], rb["read_iops"] + rb["write_iops"]
+    ratio = ia / ib if ib else float("inf")
+    row = {"loop": ctx.loop + 1, "a": a, "b": b, "iops_a": ia, "iops_b": ib, "ratio": ratio,
+           "bw_kib_a": ra["read_bw_kib"] + ra["write_bw_kib"],
+           "bw_kib_b": rb["read_bw_kib"] + rb["write_bw_kib"]}
+    ctx.comparisons.append(row)
+    seen = f"{a} {ia:.0f} IOPS vs {b} {ib:.0f} IOPS: ratio {ratio:.2f}"
+    floor = step.args["min_ratio"]
+    if floor is not None and ratio < floor:
+        raise StepFailure(EXPECTATION, f"{a} is slower than {floor:g} x {b}",
+                          expected=f"ratio >= {floor:g}", seen=seen, evidence=["fio/"])
+    return seen
+
+
+# --- filesystems ---------------------------------------------------------------------------------
+def _manifest(d):
+    """Kept outside the filesystem, keyed by the backing file when there is one: a kernel_loop
+    device over the same file then checks what the ublk device wrote."""
+    import os.path
+    key = os.path.basename(d.file) if d.file else d.name
+    return f"{WORK_DIR}/{key}.sha256"
+
+
+def step_mkfs(ctx, step, timeout):
+    d = _ublk(ctx, step)
+    tool = {"xfs": "mkfs.xfs -f -q", "ext4": "mkfs.ext4 -F -q", "ext2": "mkfs.ext2 -F -q"}
+    ctx.check(f"{tool[step.args['fs']]} {ctx.dev_path(d)}", timeout, f"mkfs.{step.args['fs']}")
+    return step.args["fs"]
+
+
+def step_mount(ctx, step, timeout):
+    d = _ublk(ctx, step)
+    opts = f"-o {step.args['options']} " if step.args["options"] else ""
+    ctx.check(f"mkdir -p {d.mountpoint} && mount {opts}{ctx.dev_path(d)} {d.mountpoint}",
+              timeout, f"mount {d.name}")
+    return d.mountpoint
+
+
+def step_write_files(ctx, step, timeout):
+    d, n, size = _ublk(ctx, step), step.args["count"], step.args["size"]
+    ctx.check(f"cd {d.mountpoint} && mkdir -p data && for i in $(seq 1 {n}); do "
+              f"head -c {size} /dev/urandom > data/f$i || exit 1; done && sync && "
+              f"sha256sum data/* > {_manifest(d)}", timeout, f"write_files on {d.name}")
+    return f"{n} x {size} bytes"
+
+
+def step_checksum(ctx, step, timeout):
+    d = _ublk(ctx, step)
+    r = ctx.run(f"sync && echo 3 > /proc/sys/vm/drop_caches && cd {d.mountpoint} && "
+                f"sha256sum -c --quiet {_manifest(d)}", timeout, f"checksum on {d.name}")
+    if r["status"] != 0:
+        raise StepFailure(EXPECTATION, f"data on {d.name} does not match what was written",
+                          expected="every file's sha256 as written (data verified)",
+                          seen=_out(r), evidence=["dmesg.txt", "server.log"])
+    return "data verified"
+
+
+def step_umount(ctx, step, timeout):
+    d = _ublk(ctx, step)
+    ctx.check(f"umount {d.mountpoint}", timeout, f"umount {d.name}")
+    return "unmounted"
+
+
+def step_fsck(ctx, step, timeout):
+    d = _ublk(ctx, step)
+    tool = "xfs_repair -n" if step.args["fs"] == "xfs" else "e2fsck -fn"
+    r = ctx.run(f"{tool} {ctx.dev_path(d)}", timeout, f"fsck {d.name}")
+    if r["status"] != 0:
+        raise StepFailure(EXPECTATION, f"the filesystem on {d.name} is not clean",
+                          expected=f"`{tool}` exit 0", seen=_out(r), evidence=["dmesg.txt"])
+    return "clean"
+
+
+# --- misc ----------------------------------------------------------------------------------------
+def step_sleep(ctx, step, timeout):
+    seconds = step.args["seconds"]
+    if seconds > timeout:   # the scenario deadline is nearer than the end of the sleep
+        time.sleep(timeout)
+        raise StepFailure(TIMEOUT, f"a sleep of {seconds:g} s runs past the deadline",
+                          expected=f"done within {timeout:.1f} s")
+    time.sleep(seconds)
+    return ""
+
+
+def step_shell(ctx, step, timeout):
+    r = ctx.run(step.args["run"], timeout, "shell step", cwd=WORK_DIR)
+    if r["status"] != step.args["expect_status"]:
+        raise StepFailure(EXPECTATION, f"shell step exited {r['status']}",
+                          expected=f"exit status {step.args['expect_status']}",
+                          seen=_out(r) or f"exit {r['status']}")
+    return (r["stdout"].strip().splitlines() or [""])[-1][:120]
+
+
+RUN = {name[5:]: fn for name, fn in globals().items() if name.startswith("step_")}
