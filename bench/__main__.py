@@ -130,7 +130,11 @@ def run(a, preset, run_dir: Path) -> int:
                                   rootfs=env.get("rootfs"), clk_tck=env.get("clk_tck"),
                                   boot_s=round(g.boot_seconds, 2))
         clk_tck = int(env.get("clk_tck") or 100)
-        profile = f"{runner.GUEST_DIR}/prof/ubdsrv.prof" if a.profile else None
+        profile = None
+        if a.profile:
+            profile = f"{runner.GUEST_DIR}/prof/ubd"
+            g.exec(f"mkdir -p {runner.PROFILE_SITE}", timeout=30, check=True)
+            g.push(Path(__file__).with_name("guest_profile.py"), f"{runner.PROFILE_SITE}/sitecustomize.py")
         for q in sorted({c.queues for c in preset.cases}, reverse=True):
             phase_cases = [c for c in preset.cases if c.queues == q]
             _note(f"bench: phase {q} queue(s): {len(phase_cases)} cases")
@@ -190,8 +194,8 @@ def _pull_profile(g, run_dir: Path) -> dict:
     r = g.exec(f"ls {runner.GUEST_DIR}/prof 2>/dev/null", timeout=30)
     names = [n for n in r.stdout.split() if n]
     if not names:
-        return {"files": [], "note": "bench: profile: the server wrote no profile: it does not honour "
-                                     f"UBDSRV_PROFILE (expected cProfile dumps under {runner.GUEST_DIR}/prof)"}
+        return {"files": [], "note": "bench: profile: no profile was written (expected cProfile dumps "
+                                     f"under {runner.GUEST_DIR}/prof; see {runner.PROFILE_SITE})"}
     import io
     import pstats
     dest = run_dir / "profile"
@@ -201,10 +205,13 @@ def _pull_profile(g, run_dir: Path) -> dict:
     for n in names:
         g.pull(f"{runner.GUEST_DIR}/prof/{n}", dest / n)
         got.append(n)
+    # the queue processes do the IO work: their profiles first, then one merged view of them
+    queues = [n for n in got if ".ubdq" in n]
+    for n in queues + [n for n in got if n not in queues]:
         try:
             st = pstats.Stats(str(dest / n), stream=text)
             text.write(f"==== {n}\n")
-            st.sort_stats("tottime").print_stats(25)
+            st.sort_stats("tottime").print_stats(25 if n in queues else 8)
         except Exception as e:  # a dump from another Python version, or a non-profile file
             text.write(f"==== {n}: not readable by pstats here ({e})\n")
     (dest / "top.txt").write_text(text.getvalue())

@@ -25,9 +25,12 @@ def null_blk_params(queues):
             "memory_backed": 0}
 
 
+PROFILE_SITE = f"{GUEST_DIR}/prof-site"   # holds bench/guest_profile.py as sitecustomize.py
+
+
 def setup_script(queues, targets, profile=None) -> str:
     nb = " ".join(f"{k}={v}" for k, v in null_blk_params(queues).items())
-    env = f"UBDSRV_PROFILE={shlex.quote(profile)} " if profile else ""
+    env = f"UBDSRV_PROFILE={shlex.quote(profile)} PYTHONPATH={PROFILE_SITE} " if profile else ""
     lines = ["set -e",
              "modprobe ublk_drv; modprobe loop",
              f"mkdir -p {GUEST_DIR}",

@@ -276,3 +276,27 @@ def test_bad_compare_file_fails_before_booting(tmp_path, capsys):
 def test_list(capsys):
     assert cli.main(["--quick", "--list"]) == 0
     assert "null-randread-4k-io_uring-q2-d64" in capsys.readouterr().out
+
+
+# --- the guest-side profiler hook -------------------------------------------------------------------
+def test_guest_profile_hook_dumps_every_process(tmp_path):
+    import pstats
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+    site = tmp_path / "site"
+    site.mkdir()
+    shutil.copy(Path(cli.__file__).with_name("guest_profile.py"), site / "sitecustomize.py")
+    prog = ("import os\n"
+            "def work():\n    return sum(i * i for i in range(20000))\n"
+            "pid = os.fork()\n"
+            "if pid == 0:\n    work(); os._exit(0)\n"
+            "os.waitpid(pid, 0); work()\n")
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(site), "UBDSRV_PROFILE": str(tmp_path / "p")}
+    subprocess.run([sys.executable, "-c", prog], env=env, check=True, timeout=60)
+    dumps = sorted(tmp_path.glob("p.*"))
+    assert len(dumps) == 2, dumps   # the parent (atexit) and the forked child (os._exit)
+    for d in dumps:
+        st = pstats.Stats(str(d))
+        assert any(fn[2] == "work" for fn in st.stats), d
