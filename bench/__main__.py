@@ -38,7 +38,17 @@ def _git():
         except (OSError, subprocess.SubprocessError):
             return ""
     return {"git_commit": git("rev-parse", "HEAD") or None,
-            "git_dirty": bool(git("status", "--porcelain", "--", "ubdsrv", "bench", "vm"))}
+            "git_dirty": bool(git("status", "--porcelain", "--", "ubdsrv", "bench", "vm")),
+            "ubdsrv_sha256": _tree_hash(REPO / "ubdsrv")}
+
+
+def _tree_hash(root: Path) -> str:
+    """Content hash of the server that was pushed: tells runs of a dirty tree apart."""
+    import hashlib
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
 
 
 def _parser():
@@ -219,9 +229,14 @@ def _pull_profile(g, run_dir: Path) -> dict:
     return {"files": got, "note": f"bench: profile: {len(got)} file(s) in {dest}; summary in {dest}/top.txt"}
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv=None) -> int:
     a = _parser().parse_args(argv)
-    signal.signal(signal.SIGTERM, lambda s, f: (_ for _ in ()).throw(KeyboardInterrupt(f"signal {s}")))
+    signal.signal(signal.SIGTERM, _interrupt)  # unwinds like Ctrl-C: the guest is stopped
+    signal.signal(signal.SIGHUP, _interrupt)
     try:
         if a.report:
             doc = _load(a.report)

@@ -2,4 +2,5 @@
 
 Modules: schema (vocabulary), loader (validation, matrix expansion), model (loaded data),
 agent (guest-side helper), session (host side of it), steps (what each step does), health
-(kernel checks after a case), runner (guests, deadlines, verdicts), report, progress, catalog, cli."""
+(kernel checks after a case), runner (guests, deadlines, verdicts), result (a verdict),
+report, progress, catalog (names -> files), cli."""
