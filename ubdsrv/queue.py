@@ -3,21 +3,35 @@
 Runs in a process of its own (see daemon.py). Every tag cycles through
     FETCH_REQ -> (request) -> target -> COMMIT_AND_FETCH_REQ(result) -> (next request) -> ...
 and the loop is: one io_uring_enter (submit everything queued, wait for >= 1 CQE), reap every CQE,
-dispatch each, queue the resulting SQEs, repeat. Nothing is allocated per IO beyond the tuples
-`unpack_from` returns.
+dispatch each, queue the resulting SQEs, repeat.
+
+SQE banks. The SQE array is cut into fixed slots, one per (bank, tag), written once in setup():
+    bank 0  the tag's ublk command (COMMIT_AND_FETCH; FETCH at start)
+    bank 1  passthrough READ  (target's fd, the tag's buffer, linked to the commit)
+    bank 2  passthrough WRITE (same)
+    bank 3  anything else for the tag (target SQEs from queue_io, NEED_GET_DATA)
+Submitting is writing a slot's index into the SQ index array (the kernel reads SQEs through it), so per
+IO only the fields that change are stored: the commit's result, the read's offset and length. A tag has
+at most one SQE per bank in flight, and a slot is rewritten only when its tag's next request (or the
+failure CQE of its linked read) arrives, i.e. after the kernel has read it, even for a linked commit
+that the kernel issues after the read completes. The hot loop reads the rings and the descriptors
+through memoryviews cast to integer arrays: an index is far cheaper than a struct call and a tuple.
 """
 import ctypes
 import errno
+from array import array
 import mmap
 import os
 
 from . import uapi, uring
-from .targets.base import OP_SHIFT, TAG_MASK, TGT_IO
+from .targets.base import OP_SHIFT, TGT_IO
 
-# user_data op field for our ublk commands (debugging aid; routing only needs TGT_IO)
-_UD_FETCH = uapi.UBLK_IO_FETCH_REQ << OP_SHIFT
-_UD_COMMIT = uapi.UBLK_IO_COMMIT_AND_FETCH_REQ << OP_SHIFT
-_UD_GET_DATA = uapi.UBLK_IO_NEED_GET_DATA << OP_SHIFT
+BANK_COMMIT, BANK_READ, BANK_WRITE, BANK_OTHER = 0, 1, 2, 3
+NR_BANKS = 4
+
+# the tag's read/write SQE is linked to its commit (the commit runs only if the read succeeded in
+# full) and posts no CQE when it succeeds: a passthrough IO costs one CQE, the next request's
+_LINKED = uring.IOSQE_IO_LINK | uring.IOSQE_CQE_SKIP_SUCCESS
 
 _RING_FLAG_CHOICES = (
     uring.IORING_SETUP_COOP_TASKRUN | uring.IORING_SETUP_SINGLE_ISSUER | uring.IORING_SETUP_DEFER_TASKRUN
@@ -51,6 +65,11 @@ def make_ring(entries, flags=None):
     raise err
 
 
+def _u32_view(m):
+    """The whole mmap `m` as an array of u32 (index = byte offset >> 2)."""
+    return memoryview(m)[:len(m) & ~3].cast("I")
+
+
 class Queue:
     def __init__(self, dev_id, q_id, info, cdev_fd, desc, target, log, ring_flags=None):
         self.dev_id, self.q_id = dev_id, q_id
@@ -70,29 +89,71 @@ class Queue:
             self.op_fetch = uapi.UBLK_IO_FETCH_REQ
             self.op_commit = uapi.UBLK_IO_COMMIT_AND_FETCH_REQ
             self.op_get_data = uapi.UBLK_IO_NEED_GET_DATA
+        inline = os.environ.get("UBDSRV_INLINE", "1") != "0"
+        self.complete_inline = inline and target.complete_inline
+        self.passthrough_fd = target.passthrough_fd if inline else None
         self.ring = None
         self.bufs = []
         self.cqes_seen = 0
         self.enters = 0
 
     def setup(self):
-        # room for one ublk command and one target SQE per tag
-        self.ring = make_ring(_pow2(2 * self.depth), self.ring_flags)
+        self.ring = make_ring(_pow2(NR_BANKS * self.depth), self.ring_flags)
         # one anonymous region, one page-aligned slice per tag (fine for O_DIRECT)
         self._bufmap = mmap.mmap(-1, self.depth * self.buf_size,
                                  flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         self._bufref = ctypes.c_char.from_buffer(self._bufmap)
         base = ctypes.addressof(self._bufref)
         self.bufs = [base + tag * self.buf_size for tag in range(self.depth)]
+        self._sq_array = _u32_view(self.ring.sq)[self.ring.sq_array_off >> 2:]
+        self._write_templates(self.op_fetch)
         self.target.attach(self)
+
+    def _slot(self, bank, tag):
+        return bank * self.depth + tag
+
+    def _write_templates(self, cmd_op):
+        """Fill bank 0 with the ublk command `cmd_op` for every tag, banks 1-2 with the passthrough
+        READ/WRITE (if the target has one)."""
+        sqes, bufs, d, q_id = self.ring.sqes, self.bufs, self.depth, self.q_id
+        for tag in range(d):
+            uring.SQE_CMD16.pack_into(sqes, tag << 6, uring.IORING_OP_URING_CMD, self.cdev_fd, cmd_op,
+                                      tag, q_id, tag, 0, bufs[tag])
+        fd = self.passthrough_fd
+        if fd is None:
+            return
+        for bank, op in ((BANK_READ, uapi.UBLK_IO_OP_READ), (BANK_WRITE, uapi.UBLK_IO_OP_WRITE)):
+            for tag in range(d):
+                # opcode, flags, ioprio, fd, off, addr, len, rw_flags, user_data
+                uring.SQE.pack_into(sqes, self._slot(bank, tag) << 6, uring.IORING_OP_READ + op, _LINKED, 0,
+                                    fd, 0, bufs[tag], 0, 0, tag | (op << OP_SHIFT) | TGT_IO)
+
+    def _push(self, slot):
+        ring = self.ring
+        self._sq_array[ring.sq_tail & ring.sq_mask] = slot
+        ring.sq_tail += 1
+
+    def prep_target(self, tag, op, opcode, fd, off=0, addr=0, length=0, op_flags=0):
+        """Queue the target's SQE for `tag` (`op` goes into user_data for debugging)."""
+        slot = self._slot(BANK_OTHER, tag)
+        uring.SQE.pack_into(self.ring.sqes, slot << 6, opcode, 0, 0, fd, off, addr, length, op_flags,
+                            tag | (op << OP_SHIFT) | TGT_IO)
+        self._push(slot)
+
+    def _commit(self, tag, res):
+        # ublksrv_io_cmd.result: byte 52 of the tag's bank-0 SQE (the command area starts at 48)
+        uring.I32.pack_into(self.ring.sqes, (tag << 6) + 52, res)
+        self._push(tag)
 
     def fetch_all(self):
         """Submit FETCH_REQ for every tag; raise if the driver rejected any of them."""
         ring = self.ring
         for tag in range(self.depth):
-            ring.prep_ublk_io(self.cdev_fd, self.op_fetch, tag | _UD_FETCH, self.q_id, tag, 0,
-                              self.bufs[tag])
+            self._push(tag)
         ring.submit()
+        # the kernel has read the FETCH SQEs (uring_cmd copies an SQE it does not issue at once):
+        # from now on bank 0 holds COMMIT_AND_FETCH
+        self._write_templates(self.op_commit)
         # run deferred work and look (without consuming) for immediate failures
         ring.enter(0, 0, uring.IORING_ENTER_GETEVENTS)
         cq = ring.cq
@@ -100,88 +161,142 @@ class Queue:
         tail = uring.U32.unpack_from(cq, ring.cq_tail_off)[0]
         for i in range(head, head + ((tail - head) & 0xFFFFFFFF)):
             ud, res, _f = uring.CQE.unpack_from(cq, ring.cqes_off + ((i & ring.cq_mask) << 4))
-            if res < 0 and not ud & TGT_IO:
-                raise uring.os_error(-res, f"queue {self.q_id}: FETCH_REQ tag {ud & TAG_MASK}")
+            if res < 0 and ud < self.depth:
+                raise uring.os_error(-res, f"queue {self.q_id}: FETCH_REQ tag {ud}")
+
+    def _request(self, tag):
+        """A request arrived on `tag` and no shortcut applies: ask the target."""
+        op_flags, nr_sectors, start_sector, _addr = uapi.IO_DESC.unpack_from(self.desc, tag * 24)
+        res = self.target.queue_io(tag, op_flags, nr_sectors, start_sector)
+        if res is not None:
+            self._commit(tag, res)
+
+    def _slow_cqe(self, ud, res):
+        """Every CQE the hot loop does not handle itself; returns 1 if the tag is gone for good."""
+        if ud & TGT_IO:
+            # a target SQE completed (for passthrough reads/writes: only when it failed or came up
+            # short, and then its linked commit was cancelled without a CQE)
+            tag = ud & 0xFFFF
+            res = self.target.io_done(tag, res, ud)
+            if res is not None:
+                self._commit(tag, res)
+            return 0
+        if res == 0:
+            self._request(ud)
+            return 0
+        if res == uapi.UBLK_IO_RES_NEED_GET_DATA:
+            # a WRITE with NEED_GET_DATA: hand the buffer over, the data arrives with res 0
+            slot = self._slot(BANK_OTHER, ud)
+            uring.SQE_CMD16.pack_into(self.ring.sqes, slot << 6, uring.IORING_OP_URING_CMD, self.cdev_fd,
+                                      self.op_get_data, ud, self.q_id, ud, 0, self.bufs[ud])
+            self._push(slot)
+            return 0
+        if res == -errno.ECANCELED and self.passthrough_fd is not None:
+            # a commit linked to a failed read/write (kernels that post it): the read's CQE recommits
+            return 0
+        if res != uapi.UBLK_IO_RES_ABORT:
+            self.log(f"queue {self.q_id}: tag {ud}: command failed: {uring.os_error(-res, 'ublk io cmd')}")
+        return 1
 
     def run(self):
         """Serve until every tag was aborted (device stopped/deleted or daemon going away)."""
         ring = self.ring
-        enter = uring._enter
-        get_errno = uring.get_errno
+        d = self.depth
+        enter = uring.enter_raw
         NR_ENTER = uring.NR_io_uring_enter
         GETEVENTS = uring.IORING_ENTER_GETEVENTS
-        ring_fd = ring.fd
-        sq, cq, sqes = ring.sq, ring.cq, ring.sqes
-        sq_tail_off = ring.sq_tail_off
-        cq_head_off, cq_tail_off, cqes_off = ring.cq_head_off, ring.cq_tail_off, ring.cqes_off
-        cq_mask, sq_mask = ring.cq_mask, ring.sq_mask
-        u32_pack = uring.U32.pack_into
-        u32_unpack = uring.U32.unpack_from
-        cqe_unpack = uring.CQE.unpack_from
-        cmd_pack = uring.SQE_CMD16.pack_into
-        OP_URING_CMD = uring.IORING_OP_URING_CMD
-        iod_unpack = uapi.IO_DESC.unpack_from
-        desc = self.desc
-        bufs = self.bufs
-        cdev = self.cdev_fd
-        q_id = self.q_id
-        op_commit, op_get_data = self.op_commit, self.op_get_data
-        queue_io = self.target.queue_io
-        io_done = self.target.io_done
-        RES_NEED_GET_DATA = uapi.UBLK_IO_RES_NEED_GET_DATA
-        RES_ABORT = uapi.UBLK_IO_RES_ABORT
         RETRY = (errno.EINTR, errno.EAGAIN, errno.EBUSY)
-        UD_COMMIT, UD_GET_DATA = _UD_COMMIT, _UD_GET_DATA
+        ring_fd = ring.fd
+        sq_mask, cq_mask = ring.sq_mask, ring.cq_mask
+        sq_entries, cq_entries = ring.sq_entries, ring.cq_entries
+        # integer views (see the module doc). CQE slot i: user_data = cq_u64[2i], res = cq_s32[4i + 2].
+        # SQE s: off = sqe_u64[8s + 1], len = sqe_u32[16s + 6], ublk result = sqe_s32[16s + 13].
+        # Descriptor of tag t: op_flags = desc_u32[6t], nr_sectors = desc_u32[6t + 1],
+        # start_sector = desc_u64[3t + 1].
+        sq_u32 = _u32_view(ring.sq)
+        cq_u32 = _u32_view(ring.cq)
+        sq_tail_i, cq_head_i, cq_tail_i = ring.sq_tail_off >> 2, ring.cq_head_off >> 2, ring.cq_tail_off >> 2
+        cqes = memoryview(ring.cq)[ring.cqes_off:ring.cqes_off + (ring.cq_entries << 4)]
+        cq_u64, cq_s32 = cqes.cast("Q"), cqes.cast("i")
+        sqes = memoryview(ring.sqes)
+        sqe_u64, sqe_u32, sqe_s32 = sqes.cast("Q"), sqes.cast("I"), sqes.cast("i")
+        desc = memoryview(self.desc)[:d * 24]
+        desc_u32, desc_u64 = desc.cast("I"), desc.cast("Q")
+        sqa = self._sq_array
+        complete_inline = self.complete_inline
+        passthrough = self.passthrough_fd is not None
+        slow_cqe = self._slow_cqe
 
-        live = self.depth
+        live = d
+        tail = ring.sq_tail
         submitted = ring.submitted
         seen = 0
         enters = 0
-        log = self.log
         while live:
             enters += 1
-            tail = ring.sq_tail
-            u32_pack(sq, sq_tail_off, tail & 0xFFFFFFFF)
+            sq_u32[sq_tail_i] = tail & 0xFFFFFFFF
             r = enter(NR_ENTER, ring_fd, (tail - submitted) & 0xFFFFFFFF, 1, GETEVENTS, None, 0)
             if r < 0:
-                e = get_errno()
+                e = uring.get_errno()
                 if e not in RETRY:
-                    raise uring.os_error(e, f"queue {q_id}: io_uring_enter")
+                    raise uring.os_error(e, f"queue {self.q_id}: io_uring_enter")
             else:
                 submitted += r
-            head = u32_unpack(cq, cq_head_off)[0]
-            n = (u32_unpack(cq, cq_tail_off)[0] - head) & 0xFFFFFFFF
+            # copy the CQ out in two C calls per field (user_data list, res list) and free it at once
+            head = cq_u32[cq_head_i]
+            n = (cq_u32[cq_tail_i] - head) & 0xFFFFFFFF
+            if not n:
+                continue
             seen += n
-            for i in range(head, head + n):
-                ud, res, _f = cqe_unpack(cq, cqes_off + ((i & cq_mask) << 4))
-                tag = ud & 0xFFFF
-                if ud & TGT_IO:
-                    res = io_done(tag, res, ud)
-                    if res is None:
-                        continue
-                elif res == 0:
-                    # a new request on this tag (UBLK_IO_RES_OK)
-                    op_flags, nr_sectors, start_sector, _addr = iod_unpack(desc, tag * 24)
-                    res = queue_io(tag, op_flags, nr_sectors, start_sector)
-                    if res is None:
-                        continue
-                elif res == RES_NEED_GET_DATA:
-                    # a WRITE with NEED_GET_DATA: hand the buffer over, the data arrives with res 0
-                    t = ring.sq_tail
-                    cmd_pack(sqes, (t & sq_mask) << 6, OP_URING_CMD, cdev, op_get_data, tag | UD_GET_DATA,
-                             q_id, tag, 0, bufs[tag])
-                    ring.sq_tail = t + 1
-                    continue
+            h = head & cq_mask
+            e = h + n
+            if e <= cq_entries:
+                uds = cq_u64[h << 1:e << 1:2].tolist()
+                ress = cq_s32[(h << 2) + 2:e << 2:4].tolist()
+            else:
+                e -= cq_entries
+                uds = cq_u64[h << 1::2].tolist() + cq_u64[:e << 1:2].tolist()
+                ress = cq_s32[(h << 2) + 2::4].tolist() + cq_s32[2:e << 2:4].tolist()
+            cq_u32[cq_head_i] = (head + n) & 0xFFFFFFFF
+            if complete_inline and not any(ress) and max(uds) < d:
+                # null, the common batch: every CQE is a new request; set each commit's result,
+                # then queue all the commits with one slice store into the SQ index array
+                for ud in uds:
+                    sqe_s32[ud << 4 | 13] = desc_u32[ud * 6 + 1] << 9
+                t = tail & sq_mask
+                if t + n <= sq_entries:
+                    sqa[t:t + n] = array("I", uds)
                 else:
-                    live -= 1
-                    if res != RES_ABORT:
-                        log(f"queue {q_id}: tag {tag}: command failed: {uring.os_error(-res, 'ublk io cmd')}")
-                    continue
-                t = ring.sq_tail
-                cmd_pack(sqes, (t & sq_mask) << 6, OP_URING_CMD, cdev, op_commit, tag | UD_COMMIT,
-                         q_id, tag, res, bufs[tag])
-                ring.sq_tail = t + 1
-            u32_pack(cq, cq_head_off, (head + n) & 0xFFFFFFFF)
+                    sqa[t:] = array("I", uds[:sq_entries - t])
+                    sqa[:t + n - sq_entries] = array("I", uds[sq_entries - t:])
+                tail += n
+                continue
+            for ud, res in zip(uds, ress):
+                if ud < d and not res:
+                    # a new request on tag `ud` (the completion of its FETCH/COMMIT_AND_FETCH)
+                    if complete_inline:
+                        sqe_s32[ud << 4 | 13] = desc_u32[ud * 6 + 1] << 9
+                        sqa[tail & sq_mask] = ud
+                        tail += 1
+                        continue
+                    if passthrough:
+                        k = ud * 6
+                        op = desc_u32[k] & 0xFF
+                        if op < 2:      # READ or WRITE: banks 1 and 2
+                            nr = desc_u32[k + 1] << 9
+                            s = (op + 1) * d + ud
+                            sqe_u64[s << 3 | 1] = desc_u64[(k >> 1) + 1] << 9
+                            sqe_u32[s << 4 | 6] = nr
+                            sqe_s32[ud << 4 | 13] = nr      # the commit, if the read is complete
+                            sqa[tail & sq_mask] = s
+                            sqa[(tail + 1) & sq_mask] = ud
+                            tail += 2
+                            continue
+                # everything else (in a method: the state it touches lives on the ring)
+                ring.sq_tail = tail
+                live -= slow_cqe(ud, res)
+                tail = ring.sq_tail
+        ring.sq_tail = tail
         ring.submitted = submitted
         self.cqes_seen = seen
         self.enters = enters

@@ -58,6 +58,7 @@ IORING_FSYNC_DATASYNC = 1 << 0
 IOSQE_FIXED_FILE = 1 << 0
 IOSQE_IO_DRAIN = 1 << 1
 IOSQE_IO_LINK = 1 << 2
+IOSQE_CQE_SKIP_SUCCESS = 1 << 6   # 5.17+; a failed request posts its CQE and suppresses its links' CQEs
 
 # fallocate modes (linux/falloc.h)
 FALLOC_FL_KEEP_SIZE = 0x01
@@ -80,6 +81,7 @@ assert SQE.size == 64 and SQE_CMD16.size == 64 and SQE_CMD80.size == 128
 
 CQE = struct.Struct("<QiI")
 U32 = struct.Struct("<I")
+I32 = struct.Struct("<i")
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _setup = _libc["syscall"]
@@ -89,6 +91,11 @@ _enter = _libc["syscall"]
 _enter.restype = ctypes.c_long
 _enter.argtypes = (ctypes.c_long, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint,
                    ctypes.c_void_p, ctypes.c_size_t)
+#: the same syscall without argtypes, for hot loops: ctypes converts each argument from its Python
+#: type (int -> C int, sign-extended to 64 bits by libffi on x86-64; None -> NULL), which costs half
+#: of what the argtypes checks do. Every argument must be a small int or None.
+enter_raw = _libc["syscall"]
+enter_raw.restype = ctypes.c_long
 get_errno = ctypes.get_errno
 
 
@@ -109,11 +116,13 @@ class Ring:
     since the last `enter` are handed to the kernel by `flush()` / `submit()`.
 
     Hot loops may read the public attributes (`sqes`, `sqe_shift`, `sq_mask`, `cq`, `cq_head_off`,
-    `cq_tail_off`, `cqes_off`, `cq_mask`, `fd`) and bind them to locals."""
+    `cq_tail_off`, `cqes_off`, `cq_mask`, `fd`) and bind them to locals. The SQ index array starts
+    identity-mapped (slot i -> SQE i); a user that writes it (`sq_array_off`) owns SQE placement and
+    must not mix in `prep*`/`next_sqe`."""
 
     __slots__ = ("fd", "flags", "features", "sq_entries", "cq_entries", "sqe_size", "sqe_shift",
-                 "sq_mask", "cq_mask", "sq", "cq", "sqes", "sq_head_off", "sq_tail_off", "cq_head_off",
-                 "cq_tail_off", "cqes_off", "sq_tail", "submitted", "_maps")
+                 "sq_mask", "cq_mask", "sq", "cq", "sqes", "sq_head_off", "sq_tail_off", "sq_array_off",
+                 "cq_head_off", "cq_tail_off", "cqes_off", "sq_tail", "submitted", "_maps")
 
     def __init__(self, entries, *, sqe128=False, flags=0, cq_entries=0):
         if sqe128:
@@ -156,7 +165,7 @@ class Ring:
             self._maps.append(self.cq)
         self.sqes = _mmap(self.fd, sq_entries * self.sqe_size, IORING_OFF_SQES)
         self._maps.append(self.sqes)
-        self.sq_head_off, self.sq_tail_off = sq_head, sq_tail
+        self.sq_head_off, self.sq_tail_off, self.sq_array_off = sq_head, sq_tail, sq_array
         self.cq_head_off, self.cq_tail_off, self.cqes_off = cq_head, cq_tail, cqes
         self.sq_mask = U32.unpack_from(self.sq, sq_mask_off)[0]
         self.cq_mask = U32.unpack_from(self.cq, cq_mask_off)[0]

@@ -140,7 +140,8 @@ cmp -n 8M -i 4M:0 /root/ubd-z.img /dev/zero && echo zeroed
 """)
     before, after = map(int, r.stdout.split("blocks ")[1].split()[:2])
     assert r.stdout.strip().endswith("zeroed")
-    assert after <= before - 4096, r.stdout   # the discarded 4 MiB were punched out
+    # The discarded 4 MiB were punched out (ext4 may keep an extent block or two more).
+    assert after <= before - 4096 + 64, r.stdout
 
 
 @pytest.mark.parametrize("opts", ["-g 1", "--buffered_io", "-g 1 --buffered_io"])

@@ -32,3 +32,25 @@ def test_signal_during_a_guest_command_stops_qemu(sig, tmp_path):
             assert not os.path.exists(f"/proc/{pid}"), f"QEMU {pid} outlived its command"
     finally:
         proc.kill()
+
+
+def test_boot_panic_under_tcg_is_retried_once_and_kept(monkeypatch, tmp_path):
+    from vm import machine
+    from vm.guest import Guest, GuestOptions
+
+    original = machine.Machine._cmdline
+    calls = []
+
+    def first_boot_panics(self, qemu):
+        argv = original(self, qemu)
+        calls.append(self.accel)
+        if len(calls) == 1:  # no initramfs init and no root driver: "VFS: Unable to mount root fs"
+            i = argv.index("-append") + 1
+            argv[i] += " rdinit=/nonexistent"
+        return argv
+
+    monkeypatch.setattr(machine.Machine, "_cmdline", first_boot_panics)
+    with Guest(GuestOptions(run_dir=tmp_path, push_server=False, accel="tcg")) as g:
+        assert g.exec("echo up", timeout=30).stdout == "up\n"
+    assert len(calls) == 2
+    assert "Kernel panic" in (tmp_path / "console.boot-panic-1.log").read_text(errors="replace")

@@ -5,10 +5,16 @@ A target is one module with one class registered in `targets/__init__.py`. The C
 the spec, `open()`s it once, then every queue process `attach()`es it to its ring and buffers and calls
 `queue_io()` for each request and `io_done()` for each completion of the target's own SQEs.
 
+Two shapes are common enough that the queue serves them itself, without calling the target per IO
+(under TCG a Python call costs microseconds):
+    complete_inline = True    every request completes at once with nr_sectors << 9 (null)
+    passthrough_fd = fd       READ/WRITE become IORING_OP_READ/WRITE on fd at the request's offset into
+                              the tag's buffer, linked to the commit (loop); other ops go to queue_io
+`queue_io` must still handle every op: UBDSRV_INLINE=0 turns both shortcuts off.
+
 user_data of every SQE a queue submits (fits a small int, so no big-int arithmetic per IO):
-    bits 0-15  tag
-    bits 16-23 op (ublk command or target op, for debugging)
-    bit  24    TGT_IO: the SQE belongs to the target, not to the ublk driver
+    ublk commands (FETCH, COMMIT_AND_FETCH, NEED_GET_DATA): the tag alone (< queue depth)
+    target SQEs: bits 0-15 tag, bits 16-23 op (for debugging), bit 24 TGT_IO
 """
 from .. import uapi
 
@@ -27,6 +33,10 @@ class TargetError(Exception):
 class Target:
     name = ""
     type_id = 0
+    #: the queue completes every request itself with nr_sectors << 9 (see the module doc)
+    complete_inline = False
+    #: set (in open()) to an fd to let the queue turn READ/WRITE into linked read/write SQEs
+    passthrough_fd = None
 
     # ---- CLI side ----
     @classmethod
@@ -64,11 +74,13 @@ class Target:
         pass
 
     def attach(self, q):
-        """Bind to one queue (in its process): q.ring, q.bufs (buffer address per tag), q.q_id."""
+        """Bind to one queue (in its process): q.bufs (buffer address per tag), q.q_id, and
+        q.prep_target() to queue the target's SQE for a tag."""
         self.q = q
 
     def queue_io(self, tag, op_flags, nr_sectors, start_sector):
-        """Handle a new request: return its result (bytes done or -errno) or QUEUED."""
+        """Handle a new request: return its result (bytes done or -errno) or QUEUED after queueing one
+        SQE with q.prep_target(tag, ...) (one target SQE per tag in flight)."""
         raise NotImplementedError
 
     def io_done(self, tag, res, user_data):

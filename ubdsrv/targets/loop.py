@@ -1,15 +1,16 @@
 """loop: a backing file (or block device); every operation goes through the queue's io_uring.
 
 READ/WRITE -> IORING_OP_READ/WRITE at the same offset (O_DIRECT unless --buffered_io), FLUSH ->
-FSYNC(DATASYNC), DISCARD -> FALLOCATE(PUNCH_HOLE|KEEP_SIZE), WRITE_ZEROES -> FALLOCATE(ZERO_RANGE)."""
+FSYNC(DATASYNC), DISCARD -> FALLOCATE(PUNCH_HOLE|KEEP_SIZE), WRITE_ZEROES -> FALLOCATE(ZERO_RANGE).
+READ/WRITE normally never reach queue_io: `passthrough_fd` lets the queue issue them itself."""
 import errno
 import os
 import stat
 
 from .. import uapi
 from ..uring import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, IORING_FSYNC_DATASYNC,
-                     IORING_OP_FALLOCATE, IORING_OP_FSYNC, IORING_OP_READ, SQE)
-from .base import OP_SHIFT, QUEUED, TGT_IO, Target, TargetError
+                     IORING_OP_FALLOCATE, IORING_OP_FSYNC, IORING_OP_READ)
+from .base import QUEUED, Target, TargetError
 
 _PUNCH = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
 
@@ -66,53 +67,39 @@ class LoopTarget(Target):
         path = self.spec["backing_file"]
         flags = os.O_RDWR | os.O_CLOEXEC
         self.direct = bool(self.spec.get("direct_io", True))
+        self.fd = -1
         if self.direct:
             try:
                 self.fd = os.open(path, flags | os.O_DIRECT)
-                return
             except OSError as e:
                 if e.errno != errno.EINVAL:
                     raise
                 if log:
                     log(f"loop: {path} does not support O_DIRECT; using buffered IO")
                 self.direct = False
-        self.fd = os.open(path, flags)
+        if self.fd < 0:
+            self.fd = os.open(path, flags)
+        self.passthrough_fd = self.fd
 
     def close(self):
         if getattr(self, "fd", -1) >= 0:
             os.close(self.fd)
             self.fd = -1
-
-    def attach(self, q):
-        self.q = q
-        ring = q.ring
-        # hot-path bindings
-        self._ring = ring
-        self._sqes = ring.sqes
-        self._mask = ring.sq_mask
-        self._shift = ring.sqe_shift
-        self._pack = SQE.pack_into
-        self._bufs = q.bufs
+        self.passthrough_fd = None
 
     def queue_io(self, tag, op_flags, nr_sectors, start_sector):
         op = op_flags & 0xFF
-        ring = self._ring
-        t = ring.sq_tail
+        prep = self.q.prep_target
         if op <= uapi.UBLK_IO_OP_WRITE:   # READ 0 -> IORING_OP_READ 22, WRITE 1 -> IORING_OP_WRITE 23
-            self._pack(self._sqes, (t & self._mask) << self._shift, IORING_OP_READ + op, 0, 0, self.fd,
-                       start_sector << 9, self._bufs[tag], nr_sectors << 9, 0,
-                       tag | (op << OP_SHIFT) | TGT_IO)
+            prep(tag, op, IORING_OP_READ + op, self.fd, start_sector << 9, self.q.bufs[tag], nr_sectors << 9)
         elif op == uapi.UBLK_IO_OP_FLUSH:
-            self._pack(self._sqes, (t & self._mask) << self._shift, IORING_OP_FSYNC, 0, 0, self.fd,
-                       0, 0, 0, IORING_FSYNC_DATASYNC, tag | (op << OP_SHIFT) | TGT_IO)
+            prep(tag, op, IORING_OP_FSYNC, self.fd, op_flags=IORING_FSYNC_DATASYNC)
         elif op == uapi.UBLK_IO_OP_DISCARD or op == uapi.UBLK_IO_OP_WRITE_ZEROES:
             mode = _PUNCH if op == uapi.UBLK_IO_OP_DISCARD else FALLOC_FL_ZERO_RANGE
             # fallocate: sqe->off = offset, sqe->addr = length, sqe->len = mode
-            self._pack(self._sqes, (t & self._mask) << self._shift, IORING_OP_FALLOCATE, 0, 0, self.fd,
-                       start_sector << 9, nr_sectors << 9, mode, 0, tag | (op << OP_SHIFT) | TGT_IO)
+            prep(tag, op, IORING_OP_FALLOCATE, self.fd, start_sector << 9, nr_sectors << 9, mode)
         else:
             return -errno.EOPNOTSUPP
-        ring.sq_tail = t + 1
         return QUEUED
 
     # io_done: the CQE's res is the request's result (bytes, 0, or -errno); the base class returns it
