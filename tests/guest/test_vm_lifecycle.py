@@ -21,7 +21,10 @@ def test_signal_during_a_guest_command_stops_qemu(sig, tmp_path):
                              "echo in-guest; sleep 300"], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
-        assert proc.stdout.readline().strip() == "in-guest"  # the guest is up and running the command
+        first = proc.stdout.readline().strip()  # the guest is up and running the command
+        if first != "in-guest":
+            proc.kill()
+            raise AssertionError(f"vm exec did not run the command: {proc.communicate()[1][-3000:]}")
         qemus = _children_qemu(proc.pid)
         assert len(qemus) == 1
         proc.send_signal(sig)
