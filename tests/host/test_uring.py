@@ -166,3 +166,27 @@ def test_queue_ring_flags_fallback():
         assert r.wait(1)[0][:2] == (1, 0)
     finally:
         r.close()
+
+
+def test_linked_read_with_skip_success_posts_one_cqe(tmp_path):
+    """What the queue's passthrough relies on: READ(IO_LINK | CQE_SKIP_SUCCESS) -> next. A full read
+    posts only the next request's CQE; a failed or short read posts only its own (the link is cut
+    and its CQE suppressed)."""
+    path = tmp_path / "f"
+    path.write_bytes(b"x" * 100)
+    fd = os.open(path, os.O_RDONLY)
+    m, addr = _buf(BS)
+    linked = uring.IOSQE_IO_LINK | uring.IOSQE_CQE_SKIP_SUCCESS
+    try:
+        with Ring(8) as r:
+            r.prep(uring.IORING_OP_READ, fd, 0, addr, 50, 0, 1, linked)     # full read
+            r.prep_nop(2)
+            r.prep(uring.IORING_OP_READ, fd, 0, addr, BS, 0, 3, linked)     # short read (100 of 4096)
+            r.prep_nop(4)
+            r.prep(uring.IORING_OP_READ, 999, 0, addr, BS, 0, 5, linked)    # bad fd
+            r.prep_nop(6)
+            r.submit()
+            assert _by_ud(r.wait(3)) == {2: 0, 3: 100, 5: -errno.EBADF}
+    finally:
+        os.close(fd)
+        m.close()
