@@ -11,14 +11,14 @@ import datetime
 import json
 import os
 import platform
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from vm import flavours
-from vm.errors import BenchError, CommandTimeout, GuestLost
+from vm.cli_guard import guarded
+from vm.errors import BenchError, CommandTimeout
 from vm.paths import REPO, results_dir
 
 from . import cases as cases_mod, report, runner, svg
@@ -229,42 +229,30 @@ def _pull_profile(g, run_dir: Path) -> dict:
     return {"files": got, "note": f"bench: profile: {len(got)} file(s) in {dest}; summary in {dest}/top.txt"}
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv=None) -> int:
     a = _parser().parse_args(argv)
-    signal.signal(signal.SIGTERM, _interrupt)  # unwinds like Ctrl-C: the guest is stopped
-    signal.signal(signal.SIGHUP, _interrupt)
-    try:
-        if a.report:
-            doc = _load(a.report)
-            print(report.table(doc["cases"]))
-            if a.compare:
-                _print_compare(a.compare, doc)
-            return 0
+    return guarded(lambda: _main(a), prefix="bench: ")
+
+
+def _main(a) -> int:
+    if a.report:
+        doc = _load(a.report)
+        print(report.table(doc["cases"]))
         if a.compare:
-            _load(a.compare)  # fail before spending minutes on a run
-        preset = _select(a)
-        if a.list:
-            for c in preset.cases:
-                print(c.id)
-            print(f"{len(preset.cases)} cases, {preset.runs()} fio runs, "
-                  f"estimated {preset.estimate_seconds() / 60:.1f} min")
-            return 0
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        run_dir = Path(a.results) if a.results else results_dir() / f"bench-{stamp}"
-        return run(a, preset, run_dir)
-    except GuestLost as e:
-        _note(f"bench: error: {e}")
-        return 2
-    except BenchError as e:
-        _note(f"bench: error: {e}")
-        return e.exit_status
-    except KeyboardInterrupt:
-        _note("bench: interrupted; guest stopped")
-        return 130
+            _print_compare(a.compare, doc)
+        return 0
+    if a.compare:
+        _load(a.compare)  # fail before spending minutes on a run
+    preset = _select(a)
+    if a.list:
+        for c in preset.cases:
+            print(c.id)
+        print(f"{len(preset.cases)} cases, {preset.runs()} fio runs, "
+              f"estimated {preset.estimate_seconds() / 60:.1f} min")
+        return 0
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(a.results) if a.results else results_dir() / f"bench-{stamp}"
+    return run(a, preset, run_dir)
 
 
 if __name__ == "__main__":

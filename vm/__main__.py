@@ -1,7 +1,6 @@
 """Host commands: `python -m vm exec|shell|image|bench-boot` (the justfile's recipes call these)."""
 import argparse
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -10,7 +9,8 @@ import time
 from pathlib import Path
 
 from . import flavours, image
-from .errors import BenchError, CommandTimeout, GuestLost
+from .cli_guard import guarded
+from .errors import BenchError, CommandTimeout
 from .guest import Guest, GuestOptions
 
 
@@ -32,8 +32,12 @@ def cmd_exec(a) -> int:
     with Guest(_guest_opts(a, run_dir=keep)) as g:
         _note(f"guest: ready in {g.boot_seconds:.1f} s; running: {line}")
         out, err = sys.stdout.buffer, sys.stderr.buffer
-        r = g.exec(line, timeout=a.timeout, on_stdout=lambda d: (out.write(d), out.flush()),
-                   on_stderr=lambda d: (err.write(d), err.flush()))
+        try:
+            r = g.exec(line, timeout=a.timeout, on_stdout=lambda d: (out.write(d), out.flush()),
+                       on_stderr=lambda d: (err.write(d), err.flush()))
+        except CommandTimeout as e:
+            _note(f"error: {e}")
+            return 124  # as coreutils' timeout does
         return r.status
 
 
@@ -102,29 +106,9 @@ def _parser():
     return p
 
 
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv=None) -> int:
     a = _parser().parse_args(argv)
-    # SIGTERM and SIGHUP unwind like Ctrl-C, so every QEMU is stopped on the way out.
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    signal.signal(signal.SIGHUP, _raise_interrupt)
-    try:
-        return a.fn(a)
-    except CommandTimeout as e:
-        _note(f"error: {e}")
-        return 124
-    except GuestLost as e:
-        _note(f"error: {e}")
-        return 2
-    except BenchError as e:
-        _note(f"error: {e}")
-        return e.exit_status
-    except KeyboardInterrupt:
-        _note("interrupted; guest stopped")
-        return 130
+    return guarded(lambda: a.fn(a))
 
 
 if __name__ == "__main__":
