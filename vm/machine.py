@@ -12,12 +12,12 @@ import time
 from pathlib import Path
 
 from . import accel as accel_probe
+from .console import console_tail, shows_panic
 from .errors import SetupError
 from .image import Image
 from .ports import free_port
 
 QEMU = "qemu-system-x86_64"
-PANIC_MARKERS = ("Kernel panic - not syncing", "end Kernel panic")
 # Under multi-threaded TCG (QEMU 7.2) a vCPU can run stale code while the kernel live-patches a
 # static branch, and hit the int3 that text_poke_bp left there: "Oops: int3" in sched_clock_tick at
 # "sched_clock: Marking stable", about 1 boot in 70 here. tsc=unstable keeps that branch unflipped.
@@ -115,12 +115,14 @@ class Machine:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def console_tail(self, lines=40) -> str:
+    def console_text(self) -> str:
         try:
-            text = self.console_log.read_bytes().decode(errors="replace")
+            return self.console_log.read_bytes().decode(errors="replace")
         except FileNotFoundError:
             return ""
-        return "\n".join(text.splitlines()[-lines:])
+
+    def console_tail(self) -> str:
+        return console_tail(self.console_text())
 
     def console_contains(self, marker: bytes) -> bool:
         try:
@@ -129,11 +131,7 @@ class Machine:
             return False
 
     def panicked(self) -> bool:
-        try:
-            text = self.console_log.read_bytes().decode(errors="replace")
-        except FileNotFoundError:
-            return False
-        return any(m in text for m in PANIC_MARKERS)
+        return shows_panic(self.console_text())
 
     def wait_exit(self, timeout) -> bool:
         try:

@@ -9,6 +9,7 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..console import console_tail
 from ..errors import BenchError, GuestLost, KernelPanic, SetupError
 from ..guest import Guest, GuestOptions
 from . import health, steps
@@ -16,7 +17,7 @@ from .errors import EXPECTATION, GUEST_LOST, PANIC, PASSED, SETUP, SPLAT, TIMEOU
 from .model import WORK_DIR, Case
 from .progress import Progress
 from .result import CaseResult
-from .session import Agent, AgentStuck, console_tail
+from .session import Agent, AgentStuck
 
 # When a case has several problems, the verdict names the most serious.
 SEVERITY = (PANIC, GUEST_LOST, SPLAT, TIMEOUT, EXPECTATION, SETUP)

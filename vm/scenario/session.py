@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from ..errors import GuestLost, KernelPanic
-from ..machine import PANIC_MARKERS
+from ..console import console_tail, shows_panic
 
 AGENT_LOCAL = Path(__file__).with_name("agent.py")
 AGENT_REMOTE = "/opt/ubd/scenario/agent.py"
@@ -31,22 +31,9 @@ def guest_lost(guest, why: str) -> GuestLost:
     except OSError:
         text = ""
     tail = console_tail(text)
-    if any(m in text for m in PANIC_MARKERS):
+    if shows_panic(text):
         return KernelPanic(f"guest kernel panic ({why})", tail)
     return GuestLost(why, tail)
-
-
-# Where the story of a crash begins: an oops prints these before the final "Kernel panic" line.
-CRASH_START = ("BUG:", "Oops", "general protection fault", "sysrq: Trigger a crash", "Kernel panic")
-
-
-def console_tail(text: str, window=200, keep=60) -> str:
-    """The console's last lines, starting at the first crash line among the last `window` lines
-    (a panic's stack dump is long; the line that says what happened comes before it)."""
-    lines = text.splitlines()[-window:]
-    start = next((i for i, l in enumerate(lines) if any(m in l for m in CRASH_START)),
-                 max(0, len(lines) - 40))
-    return "\n".join(lines[start:start + keep])
 
 
 class Agent:
