@@ -24,9 +24,9 @@ def pytest_configure(config):
     signal.signal(signal.SIGTERM, _interrupt)
 
 
-def _opts(name) -> GuestOptions:
+def _opts(name, flavour=None) -> GuestOptions:
     run_dir = _RUN / name
-    return GuestOptions(flavour=os.environ.get("UBD_FLAVOUR", "cloud"),
+    return GuestOptions(flavour=flavour or os.environ.get("UBD_FLAVOUR", "cloud"),
                         accel=os.environ.get("UBD_ACCEL", "auto"), run_dir=run_dir,
                         log=lambda msg: print(msg, flush=True))
 
@@ -68,6 +68,15 @@ def guest(guest_pool) -> Guest:
 @pytest.fixture
 def fresh_guest(request) -> Guest:
     g = Guest(_opts("fresh-" + request.node.name.replace("/", "_")[:80]))
+    with g:
+        yield g
+
+
+@pytest.fixture
+def newer_kernel_guest(request) -> Guest:
+    """A fresh guest on the newest packaged kernel (flavour `backports`, 7.x), for driver features
+    6.12 lacks; its image is built on first use."""
+    g = Guest(_opts("fresh-newer-" + request.node.name.replace("/", "_")[:80], flavour="backports"))
     with g:
         yield g
 

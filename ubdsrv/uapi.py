@@ -175,6 +175,9 @@ UBLK_F_AUTO_BUF_REG = 1 << 11
 UBLK_F_QUIESCE = 1 << 12
 UBLK_F_PER_IO_DAEMON = 1 << 13
 UBLK_F_BUF_REG_OFF_DAEMON = 1 << 14
+# 7.x; bit 15 was claimed by two patch series at once, so it stays unnamed here
+UBLK_F_INTEGRITY = 1 << 16
+UBLK_F_SAFE_STOP_DEV = 1 << 17
 
 #: names as the ublksrv `ublk list` prints them, by bit
 FLAG_NAMES = {
@@ -193,6 +196,8 @@ FLAG_NAMES = {
     UBLK_F_QUIESCE: "QUIESCE",
     UBLK_F_PER_IO_DAEMON: "PER_IO_DAEMON",
     UBLK_F_BUF_REG_OFF_DAEMON: "BUF_REG_OFF_DAEMON",
+    UBLK_F_INTEGRITY: "INTEGRITY",
+    UBLK_F_SAFE_STOP_DEV: "SAFE_STOP_DEV",
 }
 
 

@@ -126,3 +126,47 @@ sleep 1; ublk add -t null -n 0 -s 64M >/dev/null && ublk del -n 0 && echo "id re
         assert word in r.stdout, r.stdout
     assert "nodes left" not in r.stdout
     check_clean(g)
+
+
+def test_fail_io_recovery_fails_io_at_once_and_recovers_the_data(newer_kernel_guest):
+    """`-r 1 -e 1` (UBLK_F_USER_RECOVERY_FAIL_IO, 6.13+): once the server dies, IO fails at once
+    instead of waiting in the queue, and `recover` brings the device back LIVE with its data."""
+    g = newer_kernel_guest
+    r = run(g, r"""
+modprobe ublk_drv
+truncate -s 64M /root/e.img
+ublk add -t loop -n 0 -q 2 -r 1 -e 1 -f /root/e.img | sed -n 3p
+head -c 16M /dev/urandom > /root/pattern
+dd if=/root/pattern of=/dev/ublkb0 bs=1M oflag=direct status=none && echo written
+fio --name=e --filename=/dev/ublkb0 --ioengine=io_uring --direct=1 --rw=randread --bs=4k --iodepth=32 \
+    --runtime=120 --time_based > /root/fio.log 2>&1 &
+FIO=$!
+sleep 3
+killd 0
+wait_state 0 FAIL_IO 30
+t0=$(date +%s)
+while kill -0 $FIO 2>/dev/null; do [ $(( $(date +%s) - t0 )) -ge 30 ] && { echo "fio hangs"; exit 93; }; sleep 0.5; done
+wait $FIO; echo "fio status $?"
+# with no server, a new read fails at once instead of queueing until recovery
+t0=$(date +%s%N)
+if timeout 20 dd if=/dev/ublkb0 of=/dev/null bs=4k count=1 iflag=direct status=none; then echo "read served"
+else echo "read failed with $? after $(( ($(date +%s%N) - t0) / 1000000 )) ms"; fi
+timeout 120 ublk recover -n 0 >/dev/null && echo recovered
+wait_state 0 LIVE 10
+echo "pattern $(sha256sum < /root/pattern | cut -c1-64)"
+echo "device $(head -c 16M /dev/ublkb0 | sha256sum | cut -c1-64)"
+timeout 60 ublk del -n 0 && echo deleted
+""", timeout=600)
+    out = r.stdout
+    print(out)
+    assert r.status == 0, out + r.stderr
+    assert "RECOVERY_FAIL_IO" in out and "written" in out, out
+    assert "FAIL_IO after" in out, out
+    assert int(re.search(r"fio status (\d+)", out).group(1)) != 0, out
+    failed = re.search(r"read failed with (\d+) after (\d+) ms", out)
+    assert failed and failed.group(1) != "124", out   # 124: timeout killed dd, the read was stuck
+    assert "recovered" in out and "LIVE after" in out, out
+    pattern = re.search(r"pattern ([0-9a-f]{64})", out).group(1)
+    assert f"device {pattern}" in out, out
+    assert "deleted" in out, out
+    check_clean(g)
