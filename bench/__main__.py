@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from vm import flavours
+from vm import flavours, kernel_tree
 from vm.cli_guard import guarded
 from vm.errors import BenchError, CommandTimeout
 from vm.paths import REPO, results_dir
@@ -71,6 +71,7 @@ def _parser():
     p.add_argument("--accel", choices=("auto", "kvm", "tcg"), default=os.environ.get("UBD_ACCEL", "auto"))
     p.add_argument("--cpus", type=int, default=2)
     p.add_argument("--memory", default="2G")
+    kernel_tree.add_arguments(p)
     return p
 
 
@@ -120,7 +121,7 @@ def run(a, preset, run_dir: Path) -> int:
                    "runtime_s": preset.runtime, "ramp_s": preset.ramp, "repeats": preset.repeats,
                    "device_depth": cases_mod.DEVICE_DEPTH, "backing_file": runner.BACKING_FILE,
                    "backing_mib": runner.BACKING_MIB},
-           "environment": {"flavour": a.flavour, "cpus": a.cpus, "memory": a.memory,
+           "environment": {"flavour": a.flavour, "kernel_tree": str(a.kernel_tree or ""), "cpus": a.cpus, "memory": a.memory,
                            "host": platform.node(), "host_cpus": os.cpu_count(),
                            "host_load_start": os.getloadavg(), **_git()},
            "phases": [], "cases": [], "measurements": []}
@@ -129,7 +130,7 @@ def run(a, preset, run_dir: Path) -> int:
           f"estimated {preset.estimate_seconds() / 60:.1f} min; results in {run_dir}")
     from vm.guest import Guest, GuestOptions
     opts = GuestOptions(flavour=a.flavour, accel=a.accel, cpus=a.cpus, memory=a.memory, run_dir=run_dir,
-                        log=_note)
+                        kernel_tree=a.kernel_tree, kernel_debug=a.debug_kernel, log=_note)
     measurements, failed_phase = [], None
     with Guest(opts) as g:
         _note(f"bench: guest ready in {g.boot_seconds:.1f} s ({g.accel})")

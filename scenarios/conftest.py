@@ -15,6 +15,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE.parent) not in sys.path:   # `pytest scenarios/` without the repo on the path
     sys.path.insert(0, str(HERE.parent))
 
+from vm import kernel_tree  # noqa: E402
 from vm.paths import results_dir  # noqa: E402
 from vm.scenario import loader, report  # noqa: E402
 from vm.scenario.errors import ScenarioError  # noqa: E402
@@ -87,7 +88,9 @@ def _runner(config) -> Runner:
         run_dir = Path(o.scenario_results) if o.scenario_results else \
             results_dir() / ("pytest-" + time.strftime("%Y%m%d-%H%M%S")) / "scenarios"
         run_dir.mkdir(parents=True, exist_ok=True)
-        opts = RunOptions(flavour=o.scenario_flavour, accel=o.scenario_accel, keep=o.scenario_keep)
+        tree, debug = kernel_tree.from_env()
+        opts = RunOptions(flavour=o.scenario_flavour, accel=o.scenario_accel, keep=o.scenario_keep,
+                          kernel_tree=tree, kernel_debug=debug)
         # pytest captures stdout; progress goes to the terminal only with -s.
         runner = Runner(opts, run_dir, Progress(live=False))
         runner.results = []
@@ -100,5 +103,6 @@ def _finish(runner):
     """Stop the guest; leave result.json and junit.xml in the run folder, as `just run` does."""
     runner.close()
     report.write_json(runner.run_dir, runner.results, {"accel": runner.pool.accel_used,
-                                                       "flavour": runner.opts.flavour})
+                                                       "flavour": runner.opts.flavour,
+                                                       "kernel_tree": str(runner.opts.kernel_tree or "")})
     report.write_junit(runner.run_dir, runner.results)

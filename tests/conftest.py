@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from vm import kernel_tree
 from vm.guest import Guest, GuestOptions
 from vm.paths import results_dir
 
@@ -26,8 +27,12 @@ def pytest_configure(config):
 
 def _opts(name, flavour=None) -> GuestOptions:
     run_dir = _RUN / name
+    # UBD_KERNEL_TREE: every guest boots the kernel built from that tree (not the newer-kernel one,
+    # which exists to test what the packaged 7.x kernel has)
+    tree, debug = kernel_tree.from_env() if flavour is None else (None, False)
     return GuestOptions(flavour=flavour or os.environ.get("UBD_FLAVOUR", "cloud"),
                         accel=os.environ.get("UBD_ACCEL", "auto"), run_dir=run_dir,
+                        kernel_tree=tree, kernel_debug=debug,
                         log=lambda msg: print(msg, flush=True))
 
 

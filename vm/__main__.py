@@ -8,7 +8,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import flavours, image
+from . import flavours, image, kernel_tree
 from .cli_guard import guarded
 from .errors import BenchError, CommandTimeout
 from .guest import Guest, GuestOptions
@@ -20,7 +20,7 @@ def _note(msg):
 
 def _guest_opts(a, **kw) -> GuestOptions:
     return GuestOptions(flavour=a.flavour, accel=a.accel, cpus=a.cpus, memory=a.memory, log=_note,
-                        **kw)
+                        kernel_tree=a.kernel_tree, kernel_debug=a.debug_kernel, **kw)
 
 
 def cmd_exec(a) -> int:
@@ -85,6 +85,7 @@ def _parser():
                         default=os.environ.get("UBD_ACCEL", "auto"))
         sp.add_argument("--cpus", type=int, default=2)
         sp.add_argument("--memory", default="2G")
+        kernel_tree.add_arguments(sp)
 
     sp = sub.add_parser("exec", help="run one command in a fresh guest; its exit status is ours")
     machine_opts(sp)

@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import flavours, image as image_mod
+from . import flavours, image as image_mod, kernel_tree
 from .errors import BootTimeout, GuestLost, KernelPanic
 from .machine import Machine
 from .paths import UBDSRV_DIR
@@ -28,6 +28,8 @@ class GuestOptions:
     boot_deadline: float = BOOT_DEADLINE
     push_server: bool = True
     append: str = ""
+    kernel_tree: Path = None  # boot a kernel built from this source tree (on the flavour's root)
+    kernel_debug: bool = False  # ... with kernel/debug.config (KASAN, lockdep, ...)
     log: object = field(default=print, repr=False)
 
 
@@ -54,6 +56,8 @@ class Guest:
     def start(self):
         o = self.opts
         img = image_mod.ensure(o.flavour, log=o.log)
+        if o.kernel_tree:
+            img = kernel_tree.ensure(o.kernel_tree, img, debug=o.kernel_debug, log=o.log)
         run_dir = o.run_dir
         if run_dir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="ubd-guest-")

@@ -78,21 +78,51 @@ class _Cpio:
         return self.buf.getvalue()
 
 
-def build(rootfs: Path, kernel_release: str, out: Path) -> list:
-    """Writes a gzip'd initramfs to out; returns the module names it loads."""
-    moddir = rootfs / "lib/modules" / kernel_release
-    mods = _module_paths(moddir, ROOT_MODULES)
-    cpio = _Cpio()
-    for d in ("bin", "dev", "proc", "sys", "newroot", "modules"):
+def _common(cpio: _Cpio, busybox: bytes):
+    for d in ("bin", "dev", "proc", "sys", "newroot", "modules", "kmods"):
         cpio.dir(d)
     cpio.chardev("dev/console", 5, 1)  # the kernel opens it for init's stdio before /init runs
-    cpio.file("bin/busybox", (rootfs / "bin/busybox").read_bytes(), 0o755)
+    cpio.file("bin/busybox", busybox, 0o755)
     cpio.file("init", INIT_SCRIPT.read_bytes(), 0o755)
+
+
+def _add_root_modules(cpio: _Cpio, moddir: Path) -> list:
     names = []
-    for rel in mods:
+    for rel in _module_paths(moddir, ROOT_MODULES):
         name = os.path.basename(rel).split(".ko")[0] + ".ko"
         cpio.file("modules/" + name, _read_module(moddir / rel))
         names.append(name)
     cpio.file("modules.list", ("\n".join(names) + "\n").encode())
+    return names
+
+
+def build(rootfs: Path, kernel_release: str, out: Path) -> list:
+    """Writes a gzip'd initramfs to out; returns the module names it loads."""
+    cpio = _Cpio()
+    _common(cpio, (rootfs / "bin/busybox").read_bytes())
+    names = _add_root_modules(cpio, rootfs / "lib/modules" / kernel_release)
+    out.write_bytes(gzip.compress(cpio.finish(), compresslevel=6))
+    return names
+
+
+def build_for_tree(busybox: Path, staging: Path, kernel_release: str, out: Path) -> list:
+    """The initramfs of a kernel built from a tree: the root disk's modules as above, and the
+    kernel's whole module tree (`staging` from modules_install) under kmods/, which the init
+    script copies into the root filesystem, whose /usr/lib/modules has nothing for this kernel."""
+    moddir = staging / "lib/modules" / kernel_release
+    if not (moddir / "modules.dep").is_file():
+        raise RuntimeError(f"{moddir} has no modules.dep: did modules_install run?")
+    cpio = _Cpio()
+    _common(cpio, busybox.read_bytes())
+    names = _add_root_modules(cpio, moddir)
+    cpio.dir("kmods/" + kernel_release)
+    for p in sorted(moddir.rglob("*")):
+        rel = "kmods/" + kernel_release + "/" + str(p.relative_to(moddir))
+        if p.is_symlink():
+            continue  # build/source links point into the host's tree
+        if p.is_dir():
+            cpio.dir(rel)
+        else:
+            cpio.file(rel, p.read_bytes())
     out.write_bytes(gzip.compress(cpio.finish(), compresslevel=6))
     return names

@@ -8,6 +8,8 @@ for m in $($B cat /modules.list); do $B insmod "/modules/$m" || echo "initramfs:
 i=0
 while [ ! -b /dev/vda ] && [ $i -lt 500 ]; do $B usleep 10000; i=$((i+1)); done
 $B mount -t ext4 -o rw /dev/vda /newroot || { echo "initramfs: cannot mount /dev/vda" >/dev/console; exec $B sh; }
+# a kernel built from a tree brings its modules along (vm/kernel_tree.py); the root is an overlay
+for d in /kmods/*; do [ -d "$d" ] && $B cp -a "$d" /newroot/usr/lib/modules/; done
 $B umount /proc
 $B mount --move /dev /newroot/dev
 exec $B switch_root /newroot /bin/busybox init

@@ -14,6 +14,12 @@ missing=()
 for cmd in "${!need[@]}"; do
   command -v "$cmd" >/dev/null 2>&1 || missing+=("${need[$cmd]}")
 done
+# `--kernel-build`: also what building a kernel from a tree needs (vm/kernel_tree.py)
+if [ "${1:-}" = --kernel-build ]; then
+  for pkg in build-essential bc bison flex libelf-dev libssl-dev cpio kmod; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+  done
+fi
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
     echo "setup: missing ${missing[*]}; install them (Debian: apt-get install ${missing[*]})" >&2

@@ -5,7 +5,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from .. import flavours
+from .. import flavours, kernel_tree
 from ..errors import BenchError
 from ..paths import results_dir
 from . import catalog, loader, report
@@ -47,7 +47,8 @@ def run_cases(cases, a) -> int:
         results_dir() / datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir.mkdir(parents=True, exist_ok=True)
     progress = Progress()
-    opts = RunOptions(flavour=a.flavour, accel=a.accel, cpus=a.cpus, memory=a.memory, keep=a.keep)
+    opts = RunOptions(flavour=a.flavour, accel=a.accel, cpus=a.cpus, memory=a.memory, keep=a.keep,
+                      kernel_tree=a.kernel_tree, kernel_debug=a.debug_kernel)
     runner = Runner(opts, run_dir, progress)
     planned = [(c, r if a.repeat > 1 else None) for c in cases for r in range(1, a.repeat + 1)]
     results, t0 = [], time.monotonic()
@@ -69,7 +70,8 @@ def run_cases(cases, a) -> int:
 
 def _finish(runner, results, run_dir, a, t0, interrupted=False) -> int:
     runner.close()
-    meta = {"flavour": a.flavour, "accel": runner.pool.accel_used or a.accel, "argv": sys.argv[1:],
+    meta = {"flavour": a.flavour, "kernel_tree": str(a.kernel_tree or ""), "debug_kernel": a.debug_kernel,
+            "accel": runner.pool.accel_used or a.accel, "argv": sys.argv[1:],
             "wall_seconds": round(time.monotonic() - t0, 1), "interrupted": interrupted}
     report.write_json(run_dir, results, meta)
     report.write_junit(run_dir, results)
@@ -89,6 +91,7 @@ def main(argv=None) -> int:
         sp.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto")
         sp.add_argument("--cpus", type=int, default=2)
         sp.add_argument("--memory", default="2G")
+        kernel_tree.add_arguments(sp)
         sp.add_argument("--repeat", type=int, default=1, metavar="N", help="run every case N times")
         sp.add_argument("--keep", action="store_true",
                         help="after a failure keep the guest up and print the ssh command")

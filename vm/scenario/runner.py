@@ -36,6 +36,8 @@ class RunOptions:
     cpus: int = 2
     memory: str = "2G"
     keep: bool = False        # on failure keep the guest up and print how to log in
+    kernel_tree: Path = None  # boot a kernel built from this tree (vm/kernel_tree.py)
+    kernel_debug: bool = False
     boot_deadline: float = 120.0
 
 
@@ -59,7 +61,8 @@ class GuestPool:
         o = self.opts
         self.last_dir = self.run_dir / "guests" / name
         g = Guest(GuestOptions(flavour=o.flavour, accel=o.accel, cpus=o.cpus, memory=o.memory,
-                               run_dir=self.last_dir,
+                               run_dir=self.last_dir, kernel_tree=o.kernel_tree,
+                               kernel_debug=o.kernel_debug,
                                boot_deadline=o.boot_deadline, log=self.note))
         try:
             g.start()
