@@ -23,6 +23,14 @@ wait_state() {  # dev state timeout_s
   done
   echo "$2 after $(( $(date +%s) - t0 )) s"
 }
+fio_status() {  # pid timeout_s: the background fio's exit status, or fail if it outlives the timeout
+  t0=$(date +%s)
+  while kill -0 $1 2>/dev/null; do
+    [ $(( $(date +%s) - t0 )) -ge $2 ] && { echo "fio hangs"; exit 93; }
+    sleep 0.5
+  done
+  wait $1; echo "fio status $?"
+}
 """
 
 
@@ -53,9 +61,7 @@ FIO=$!
 sleep 3
 killd 0
 wait_state 0 DEAD 30
-t0=$(date +%s)
-while kill -0 $FIO 2>/dev/null; do [ $(( $(date +%s) - t0 )) -ge 60 ] && { echo "fio hangs"; exit 93; }; sleep 0.5; done
-wait $FIO; echo "fio status $?"
+fio_status $FIO 60
 grep -c "error=Input/output error" /root/fio.log
 timeout 60 ublk del -n 0 && echo deleted
 """)
@@ -83,9 +89,7 @@ wait_state 0 QUIESCED 30
 timeout 120 ublk recover -n 0 >/dev/null && echo recovered
 wait_state 0 LIVE 10
 new=$(dpid 0); [ "$new" != "$old" ] && echo "new daemon $new"
-t0=$(date +%s)
-while kill -0 $FIO 2>/dev/null; do [ $(( $(date +%s) - t0 )) -ge 400 ] && { echo "fio hangs"; exit 93; }; sleep 1; done
-wait $FIO; echo "fio status $?"
+fio_status $FIO 400
 # a second kill/recover cycle, idle this time
 killd 0
 wait_state 0 QUIESCED 30
@@ -116,13 +120,11 @@ sleep 3
 t0=$(date +%s)
 timeout 90 ublk del -n 0 && echo "deleted in $(( $(date +%s) - t0 )) s"
 ls /dev/ublkb0 /dev/ublkc0 2>/dev/null && echo "nodes left"
-t0=$(date +%s)
-while kill -0 $FIO 2>/dev/null; do [ $(( $(date +%s) - t0 )) -ge 60 ] && { echo "fio hangs"; exit 93; }; sleep 0.5; done
-echo "fio ended"
+fio_status $FIO 60
 sleep 1; ublk add -t null -n 0 -s 64M >/dev/null && ublk del -n 0 && echo "id reusable"
 """)
     assert r.status == 0, r.stdout + r.stderr
-    for word in ("deleted in", "fio ended", "id reusable"):
+    for word in ("deleted in", "fio status", "id reusable"):
         assert word in r.stdout, r.stdout
     assert "nodes left" not in r.stdout
     check_clean(g)
@@ -144,9 +146,7 @@ FIO=$!
 sleep 3
 killd 0
 wait_state 0 FAIL_IO 30
-t0=$(date +%s)
-while kill -0 $FIO 2>/dev/null; do [ $(( $(date +%s) - t0 )) -ge 30 ] && { echo "fio hangs"; exit 93; }; sleep 0.5; done
-wait $FIO; echo "fio status $?"
+fio_status $FIO 30
 # with no server, a new read fails at once instead of queueing until recovery
 t0=$(date +%s%N)
 if timeout 20 dd if=/dev/ublkb0 of=/dev/null bs=4k count=1 iflag=direct status=none; then echo "read served"

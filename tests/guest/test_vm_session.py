@@ -14,8 +14,8 @@ def test_guest_runs_the_ublk_kernel(guest):
                    "cat /proc/sys/kernel/tainted", timeout=60)
     assert r.status == 0, r.stderr
     release, tainted = r.stdout.split()
-    # the kernel the image was built with (6.12 for `cloud`, 7.x for `backports`)
-    assert release == guest.machine.image.kernel_release and release.endswith("-cloud-amd64")
+    # the kernel the image was built with (6.12 for `cloud`, 7.x for `backports`, or a tree's)
+    assert release == guest.machine.image.kernel_release
     assert tainted == "0"
     assert guest.accel in ("kvm", "tcg")
 
