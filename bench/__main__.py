@@ -121,7 +121,8 @@ def run(a, preset, run_dir: Path) -> int:
                    "runtime_s": preset.runtime, "ramp_s": preset.ramp, "repeats": preset.repeats,
                    "device_depth": cases_mod.DEVICE_DEPTH, "backing_file": runner.BACKING_FILE,
                    "backing_mib": runner.BACKING_MIB},
-           "environment": {"flavour": a.flavour, "kernel_tree": str(a.kernel_tree or ""), "cpus": a.cpus, "memory": a.memory,
+           "environment": {"flavour": a.flavour, "kernel_tree": str(a.kernel_tree or ""),
+                           "cpus": a.cpus, "memory": a.memory,
                            "host": platform.node(), "host_cpus": os.cpu_count(),
                            "host_load_start": os.getloadavg(), **_git()},
            "phases": [], "cases": [], "measurements": []}

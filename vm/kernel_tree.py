@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -92,8 +93,9 @@ class _Make:
                 if r.returncode != 0:
                     raise self._failed(what, r.returncode)
                 return r.stdout
+            # its own process group, so that an interrupt stops every compiler make started
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                    env=env, start_new_session=False)
+                                    env=env, start_new_session=True)
             t0 = last = time.monotonic()
             try:
                 for line in proc.stdout:
@@ -104,8 +106,7 @@ class _Make:
                         self.log(f"  kernel: {what}: {now - t0:.0f} s, at {line.strip()[:90]}")
                 rc = proc.wait()
             except BaseException:
-                proc.kill()
-                proc.wait()
+                _stop_group(proc)
                 raise
         if rc != 0:
             raise self._failed(what, rc)
@@ -115,6 +116,19 @@ class _Make:
         tail = self.log_path.read_text(errors="replace").splitlines()[-25:]
         return SetupError(f"kernel build failed while {what} (exit {rc}); full log {self.log_path}:\n  "
                           + "\n  ".join(tail))
+
+
+def _stop_group(proc):
+    for sig, grace in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=grace)
+            break
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def _configure(make: _Make, out: Path, frags: list, log):
@@ -159,7 +173,8 @@ def ensure(tree, base: Image, debug=False, log=None) -> Image:
     (entry / "build.log").write_text(f"kernel tree {tree}, debug={debug}\n")
     t0 = time.monotonic()
     _configure(make, out, fragments(debug), log)
-    log(f"  kernel: building {tree} (log: {entry / 'build.log'}); only what changed is compiled; a first build takes ~15 min on 2 cores")
+    log(f"  kernel: building {tree} (log: {entry / 'build.log'}); only what changed is "
+        "compiled, a first build takes ~15 min on 2 cores")
     make(f"-j{os.cpu_count() or 2}", "bzImage", "modules", what="compiling")
     release = make("-s", "kernelrelease", what="reading the release", capture=True).strip()
     staging = entry / "modules"
