@@ -8,6 +8,8 @@ kernel/debug.config. The modules travel in the initramfs, which copies them into
 
 The result is an image cache entry of its own: the built kernel and initramfs, and links to the base
 image's root filesystem and SSH keys."""
+import argparse
+import fcntl
 import hashlib
 import json
 import os
@@ -70,7 +72,7 @@ def _entry_dir(tree: Path, debug: bool) -> Path:
     return cache_dir() / "kernels" / f"{tree.name}-{'debug-' if debug else ''}{key}"
 
 
-def _ensure_build_tools(log):
+def _ensure_build_tools():
     setup = REPO / "vm" / "setup.sh"
     r = subprocess.run(["bash", str(setup), "--kernel-build"])
     if r.returncode != 0:
@@ -83,19 +85,19 @@ class _Make:
     def __init__(self, tree: Path, out: Path, log_path: Path, log):
         self.tree, self.out, self.log_path, self.log = tree, out, log_path, log
 
-    def __call__(self, *targets, what, env=None, capture=False):
+    def __call__(self, *targets, what, capture=False):
         cmd = ["make", "-C", str(self.tree), f"O={self.out}", *targets]
         with open(self.log_path, "a") as f:
             f.write(f"\n$ {' '.join(cmd)}\n")
             f.flush()
             if capture:
-                r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=f, text=True, env=env)
+                r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=f, text=True)
                 if r.returncode != 0:
                     raise self._failed(what, r.returncode)
                 return r.stdout
             # its own process group, so that an interrupt stops every compiler make started
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                    env=env, start_new_session=True)
+                                    start_new_session=True)
             t0 = last = time.monotonic()
             try:
                 for line in proc.stdout:
@@ -165,10 +167,16 @@ def ensure(tree, base: Image, debug=False, log=None) -> Image:
     """Builds (incrementally) the tree's kernel and returns an image that boots it on base's root."""
     log = log or _log_default
     tree = check_tree(tree)
-    _ensure_build_tools(log)
+    _ensure_build_tools()
     entry = _entry_dir(tree, debug)
+    (entry / "build").mkdir(parents=True, exist_ok=True)
+    with open(entry / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one build per tree and config at a time
+        return _build(tree, entry, base, debug, log)
+
+
+def _build(tree: Path, entry: Path, base: Image, debug: bool, log) -> Image:
     out = entry / "build"
-    out.mkdir(parents=True, exist_ok=True)
     make = _Make(tree, out, entry / "build.log", log)
     (entry / "build.log").write_text(f"kernel tree {tree}, debug={debug}\n")
     t0 = time.monotonic()
@@ -198,7 +206,6 @@ def ensure(tree, base: Image, debug=False, log=None) -> Image:
 
 
 def _tree_arg(value):
-    import argparse
     try:
         return check_tree(value)
     except SetupError as e:
