@@ -15,6 +15,8 @@ from .ssh import ExecResult, Session, wait_ready
 GUEST_UBD_DIR = "/opt/ubd"
 SSHD_READY_MARKER = b"Server listening on"  # sshd -D -e logs to the console (vm/guestfs/etc/inittab)
 BOOT_DEADLINE = 120.0
+# a KASAN + lockdep kernel (--debug-kernel) took 77 s to SSH-ready under TCG here, against ~6 s
+DEBUG_KERNEL_BOOT_FACTOR = 3
 BOOT_ATTEMPTS_TCG = 2  # generous: TCG on a loaded host; a normal cold boot takes ~6 s here
 
 
@@ -86,9 +88,14 @@ class Guest:
                                append=o.append, log=o.log)
         self.machine.start()
         self.session = Session("127.0.0.1", self.machine.port, img.client_key, img.host_key_pub)
-        self._wait_for_sshd(self.machine.started_at + o.boot_deadline)
-        wait_ready(self.session, self.machine.started_at + o.boot_deadline, self.machine.alive,
+        deadline = self.machine.started_at + self.boot_deadline()
+        self._wait_for_sshd(deadline)
+        wait_ready(self.session, deadline, self.machine.alive,
                    self._boot_failure)
+
+    def boot_deadline(self) -> float:
+        o = self.opts
+        return o.boot_deadline * (DEBUG_KERNEL_BOOT_FACTOR if o.kernel_tree and o.kernel_debug else 1)
 
     def _wait_for_sshd(self, deadline):
         """Waits for sshd's "listening" line on the console. Connecting earlier costs seconds: QEMU
@@ -108,7 +115,7 @@ class Guest:
             err = self.machine.stderr_path.read_text(errors="replace").strip()
             return GuestLost(f"QEMU exited while the guest booted ({err or 'no error printed'}); "
                              f"console tail:\n{tail}", tail)
-        return BootTimeout(f"the guest did not answer SSH within {self.opts.boot_deadline:g} s "
+        return BootTimeout(f"the guest did not answer SSH within {self.boot_deadline():g} s "
                            f"(last error: {last_error}); console tail:\n{tail}", tail)
 
     def stop(self):
