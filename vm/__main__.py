@@ -8,7 +8,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import flavours, image, kernel_tree
+from . import flavours, image, image_cache, kernel_tree
 from .cli_guard import guarded
 from .errors import BenchError, CommandTimeout
 from .guest import Guest, GuestOptions
@@ -53,6 +53,10 @@ def cmd_shell(a) -> int:
 
 
 def cmd_image(a) -> int:
+    if a.prune:
+        freed = image_cache.prune(_note)
+        print(f"pruned the image cache: {freed / 2**20:.0f} MiB freed")
+        return 0
     img = image.ensure(a.flavour, rebuild=a.rebuild, log=_note)
     print(f"{img.dir}\nkernel {img.kernel_release}")
     return 0
@@ -99,6 +103,8 @@ def _parser():
     sp = sub.add_parser("image", help="build the guest image if its recipe changed (or --rebuild)")
     sp.add_argument("--flavour", default=os.environ.get("UBD_FLAVOUR", flavours.DEFAULT))
     sp.add_argument("--rebuild", action="store_true")
+    sp.add_argument("--prune", action="store_true",
+                    help="remove cached images that no current recipe uses (older recipes, dead builds)")
     sp.set_defaults(fn=cmd_image)
     sp = sub.add_parser("bench-boot", help="cold boot time: min / median / max over several boots")
     machine_opts(sp)

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from vm import flavours, image, initramfs
+from vm import flavours, image, image_cache, initramfs
 from vm.errors import BenchError
 
 
@@ -66,3 +66,19 @@ def test_cache_key_follows_the_guest_files(tmp_path, monkeypatch):
 def test_unknown_flavour_names_the_known_ones():
     with pytest.raises(BenchError, match=r"unknown kernel flavour 'nope' \(known: backports, cloud"):
         flavours.get("nope")
+
+
+def test_prune_removes_only_what_no_current_recipe_uses(tmp_path, monkeypatch):
+    monkeypatch.setenv("UBD_CACHE", str(tmp_path))
+    images = tmp_path / "images"
+    current = [image._entry_dir(f) for f in flavours.load_all().values()]
+    stale = [images / "cloud-0000000000000000", images / "gone-1111111111111111",
+             images / ".build-cloud-2222222222222222-99"]
+    for d in current + stale:
+        d.mkdir(parents=True)
+        (d / "rootfs.img").write_bytes(b"x" * 8192)
+    assert image_cache.stale_entries() == sorted(stale)
+    removed = []
+    freed = image_cache.prune(removed.append)
+    assert freed >= 3 * 8192 and len(removed) == 3
+    assert all(d.is_dir() for d in current) and not any(d.exists() for d in stale)
