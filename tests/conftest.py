@@ -10,19 +10,16 @@ from pathlib import Path
 import pytest
 
 from vm import kernel_tree
+from vm.cli_guard import raise_interrupt
 from vm.guest import Guest, GuestOptions
 from vm.paths import results_dir
 
 _RUN = results_dir() / ("pytest-" + time.strftime("%Y%m%d-%H%M%S"))
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def pytest_configure(config):
     # SIGTERM unwinds like Ctrl-C, so fixtures stop their QEMUs.
-    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGTERM, raise_interrupt)
 
 
 def _opts(name, flavour=None) -> GuestOptions:

@@ -4,15 +4,16 @@ import signal
 import sys
 
 
-def _interrupt(signum, frame):
+def raise_interrupt(signum, frame):
+    """A signal handler that unwinds like Ctrl-C."""
     raise KeyboardInterrupt(f"signal {signum}")
 
 
 def guarded(body, prefix="") -> int:
     from .errors import BenchError
 
-    signal.signal(signal.SIGTERM, _interrupt)
-    signal.signal(signal.SIGHUP, _interrupt)
+    signal.signal(signal.SIGTERM, raise_interrupt)
+    signal.signal(signal.SIGHUP, raise_interrupt)
     try:
         return body()
     except BenchError as e:

@@ -145,13 +145,12 @@ def _configure(make: _Make, out: Path, frags: list, log):
         f.write("\n# --- the bench's fragments ---\n" + want)
     make("olddefconfig", what="resolving the config")
     got = parse_config((out / ".config").read_text())
-    bad = config_mismatches(parse_config((frags[0]).read_text()), got)
-    fatal = [b for b in bad if b.split(":")[0] in REQUIRED]
+    bad = [(p, b) for p in frags for b in config_mismatches(parse_config(p.read_text()), got)]
+    fatal = [b for _, b in bad if b.split(":")[0] in REQUIRED]
     if fatal:
         raise SetupError("the kernel config lacks what the bench needs: " + "; ".join(fatal))
-    for p in frags:
-        for b in config_mismatches(parse_config(p.read_text()), got):
-            log(f"  kernel: note: kernel/{p.name}: {b} (a dependency is off in this tree)")
+    for p, b in bad:
+        log(f"  kernel: note: kernel/{p.name}: {b} (a dependency is off in this tree)")
     stamp.write_text(want)
 
 

@@ -22,14 +22,8 @@ class AgentStuck(Exception):
 
 def guest_lost(guest, why: str) -> GuestLost:
     """GuestLost, or KernelPanic when the console shows one (QEMU exits on panic: give it a moment)."""
-    for _ in range(50):
-        if not guest.is_alive():
-            break
-        time.sleep(0.1)
-    try:
-        text = Path(guest.console_log).read_bytes().decode(errors="replace")
-    except OSError:
-        text = ""
+    guest.machine.wait_exit(5)
+    text = guest.machine.console_text()
     tail = console_tail(text)
     if shows_panic(text):
         return KernelPanic(f"guest kernel panic ({why})", tail)
