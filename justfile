@@ -47,3 +47,20 @@ bench-boot *ARGS: setup
 # The Python server against the kernel's loop and null_blk drivers; `--quick` for a short preset.
 bench *ARGS: setup
     @{{py}} -m bench "$@"
+
+# The kernel's own ublk selftests in the guest (`--flavour F | --kernel-tree DIR`, `-k PATTERN`).
+selftests *ARGS: setup
+    @{{py}} -m vm.selftests "$@"
+
+# One scenario x kernel table from several runs (the nightly workflow's shards); needs no guest.
+merge *ARGS:
+    @python3 -m vm.scenario.matrix "$@"
+
+# The bench scores itself: `just mutants --kernel-tree DIR [--mutants DIR] [--scenarios NAME...]`
+# builds each kernel/mutants/*.patch variant of ublk_drv and runs the scenarios until one kills it.
+mutants *ARGS: setup
+    @{{py}} -m vm.mutants "$@"
+
+# The long tests (pytest marker `nightly`, deselected elsewhere): e.g. a real mutation run.
+nightly *ARGS: setup
+    @{{py}} -m pytest -m nightly "$@"

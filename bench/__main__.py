@@ -16,10 +16,10 @@ import sys
 import time
 from pathlib import Path
 
-from vm import flavours, kernel_tree
+from vm import options
 from vm.cli_guard import guarded
 from vm.errors import BenchError, CommandTimeout
-from vm.paths import REPO, results_dir
+from vm.paths import REPO
 
 from . import cases as cases_mod, report, runner, svg
 
@@ -59,19 +59,13 @@ def _parser():
                    help="run the target case once with the server under cProfile (UBDSRV_PROFILE)")
     p.add_argument("--compare", metavar="OLD.json", help="print the per-case change against an earlier run")
     p.add_argument("--report", metavar="RUN.json", help="print the table of an earlier run (no guest)")
-    p.add_argument("--results", metavar="DIR",
-                   help="run folder (default: $UBD_RESULTS or results/, then bench-<timestamp>)")
     p.add_argument("--only", metavar="TEXT", action="append",
                    help="keep only the cases whose id contains TEXT (repeatable)")
     p.add_argument("--runtime", type=float, help="seconds measured per fio run (preset default)")
     p.add_argument("--ramp", type=float, help="warm-up seconds per fio run (preset default)")
     p.add_argument("--repeats", type=int, help="runs per case and side; the median is reported")
     p.add_argument("--list", action="store_true", help="print the case matrix and the time estimate")
-    p.add_argument("--flavour", default=os.environ.get("UBD_FLAVOUR", flavours.DEFAULT))
-    p.add_argument("--accel", choices=("auto", "kvm", "tcg"), default=os.environ.get("UBD_ACCEL", "auto"))
-    p.add_argument("--cpus", type=int, default=2)
-    p.add_argument("--memory", default="2G")
-    kernel_tree.add_arguments(p)
+    options.add_arguments(p)   # --results DIR: the run folder (default results/bench-<time>/)
     return p
 
 
@@ -83,7 +77,7 @@ def _load(path) -> dict:
     if not isinstance(doc, dict) or "cases" not in doc:
         raise BenchError(f"{path} is not a bench.json")
     if doc.get("measurements"):  # recompute with this version of the report code
-        cs = [cases_mod.Case.from_dict(e["case"]) for e in doc["cases"]]
+        cs = [cases_mod.BenchCase.from_dict(e["case"]) for e in doc["cases"]]
         doc["cases"] = report.summarize(cs, doc["measurements"])
     return doc
 
@@ -93,7 +87,7 @@ def _select(a) -> cases_mod.Preset:
     p = cases_mod.preset(name, a.runtime, a.ramp, a.repeats)
     cs = p.cases
     if a.profile:
-        cs = tuple(cases_mod.Case(a.profile, c.workload, c.engine, c.queues, c.iodepth) for c in cs)
+        cs = tuple(cases_mod.BenchCase(a.profile, c.workload, c.engine, c.queues, c.iodepth) for c in cs)
     if a.only:
         cs = tuple(c for c in cs if any(t in c.id for t in a.only))
     if not cs:
@@ -119,7 +113,7 @@ def run(a, preset, run_dir: Path) -> int:
            "run": {"name": run_dir.name, "preset": preset.name, "argv": sys.argv[1:],
                    "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                    "runtime_s": preset.runtime, "ramp_s": preset.ramp, "repeats": preset.repeats,
-                   "device_depth": cases_mod.DEVICE_DEPTH, "backing_file": runner.BACKING_FILE,
+                   "device_depth": runner.DEVICE_DEPTH, "backing_file": runner.BACKING_FILE,
                    "backing_mib": runner.BACKING_MIB},
            "environment": {"flavour": a.flavour, "kernel_tree": str(a.kernel_tree or ""),
                            "cpus": a.cpus, "memory": a.memory,
@@ -129,9 +123,8 @@ def run(a, preset, run_dir: Path) -> int:
     _note(f"bench: {preset.name} preset, {len(preset.cases)} cases x 2 sides x {preset.repeats} repeats "
           f"= {preset.runs()} fio runs of {preset.ramp:g}+{preset.runtime:g} s; "
           f"estimated {preset.estimate_seconds() / 60:.1f} min; results in {run_dir}")
-    from vm.guest import Guest, GuestOptions
-    opts = GuestOptions(flavour=a.flavour, accel=a.accel, cpus=a.cpus, memory=a.memory, run_dir=run_dir,
-                        kernel_tree=a.kernel_tree, kernel_debug=a.debug_kernel, log=_note)
+    from vm.guest import Guest
+    opts = options.guest_options(a, run_dir=run_dir, log=_note)
     measurements, failed_phase = [], None
     with Guest(opts) as g:
         _note(f"bench: guest ready in {g.boot_seconds:.1f} s ({g.accel})")
@@ -252,9 +245,7 @@ def _main(a) -> int:
         print(f"{len(preset.cases)} cases, {preset.runs()} fio runs, "
               f"estimated {preset.estimate_seconds() / 60:.1f} min")
         return 0
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    run_dir = Path(a.results) if a.results else results_dir() / f"bench-{stamp}"
-    return run(a, preset, run_dir)
+    return run(a, preset, options.run_dir(a, "bench-"))
 
 
 if __name__ == "__main__":

@@ -38,11 +38,9 @@ WORKLOADS = {
     "write-512k": ("write", "512k", {}),
 }
 
-DEVICE_DEPTH = 128  # ubd -d and null_blk hw_queue_depth: at least the deepest iodepth we run
-
 
 @dataclass(frozen=True)
-class Case:
+class BenchCase:
     target: str      # "null" or "loop"
     workload: str    # a key of WORKLOADS
     engine: str      # "io_uring" or "libaio"
@@ -92,17 +90,17 @@ def _unique(cases):
 
 
 def quick_cases():
-    return _unique(Case(t, "randread-4k", e, 2, 64) for t in TARGETS for e in ENGINES)
+    return _unique(BenchCase(t, "randread-4k", e, 2, 64) for t in TARGETS for e in ENGINES)
 
 
 def full_cases():
     out = []
     for t in TARGETS:
-        out += [Case(t, w, "io_uring", 2, 32) for w in WORKLOADS]
-        out += [Case(t, "randread-4k", "io_uring", 2, d) for d in (1, 128)]
-        out += [Case(t, "randread-4k", "io_uring", 1, d) for d in (1, 32)]
-        out += [Case(t, "randread-4k", "libaio", 2, 32)]
-        out += [Case(t, "randread-4k", e, 2, 64) for e in ENGINES]
+        out += [BenchCase(t, w, "io_uring", 2, 32) for w in WORKLOADS]
+        out += [BenchCase(t, "randread-4k", "io_uring", 2, depth) for depth in (1, 128)]
+        out += [BenchCase(t, "randread-4k", "io_uring", 1, depth) for depth in (1, 32)]
+        out += [BenchCase(t, "randread-4k", "libaio", 2, 32)]
+        out += [BenchCase(t, "randread-4k", e, 2, 64) for e in ENGINES]
     return _unique(out)
 
 
@@ -112,7 +110,7 @@ def preset(name, runtime=None, ramp=None, repeats=None) -> Preset:
     elif name == "full":
         p = Preset("full", full_cases(), runtime=2.0, ramp=0.5, repeats=3)
     elif name == "profile":
-        p = Preset("profile", (Case("loop", "randread-4k", "io_uring", 2, 64),), runtime=5.0,
+        p = Preset("profile", (BenchCase("loop", "randread-4k", "io_uring", 2, 64),), runtime=5.0,
                    ramp=0.5, repeats=1)
     else:
         raise ValueError(f"unknown preset {name!r}")
@@ -120,7 +118,7 @@ def preset(name, runtime=None, ramp=None, repeats=None) -> Preset:
                   ramp if ramp is not None else p.ramp, repeats if repeats is not None else p.repeats)
 
 
-def fio_args(case: Case, filename: str, output: str, runtime: float, ramp: float) -> list:
+def fio_args(case: BenchCase, filename: str, output: str, runtime: float, ramp: float) -> list:
     """fio's argv for one measurement of case on filename, JSON written to output."""
     rw, bs, extra = WORKLOADS[case.workload]
     args = ["fio", "--name=bench", f"--filename={filename}", "--direct=1", f"--rw={rw}", f"--bs={bs}",

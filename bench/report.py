@@ -7,7 +7,7 @@ A measurement (one fio run on one side) is a dict:
 """
 import statistics
 
-from .cases import Case
+from .cases import BenchCase
 
 SIDES = ("ubd", "kernel")
 METRICS = ("iops", "bw_bytes", "lat_mean_ns", "p99_ns")
@@ -111,7 +111,7 @@ def table(summary: list) -> str:
             "ubd lat", "kern lat", "ubd p99", "kern p99", "srv CPU"]
     rows = []
     for e in summary:
-        c, u, k = Case.from_dict(e["case"]), e["ubd"], e["kernel"]
+        c, u, k = BenchCase.from_dict(e["case"]), e["ubd"], e["kernel"]
         rows.append([c.label, e["kernel_driver"], _num(u["iops"]), _num(k["iops"]),
                      _r(e["ratio"]["iops"]), _range(e.get("ratio_paired")),
                      _mb(u["bw_bytes"]), _mb(k["bw_bytes"]),

@@ -6,14 +6,28 @@ import tarfile
 import time
 from pathlib import Path
 
-from . import cpu, fio
-from .cases import DEVICE_DEPTH, Preset, fio_args
+from vm import device
+from vm.guest import GUEST_UBD_DIR
 
-GUEST_DIR = "/tmp/ubd-bench"           # must not contain "ubdsrv": the CPU sampler matches cmdlines
+from . import cpu, fio
+from .cases import Preset, fio_args
+
+GUEST_DIR = "/tmp/ubd-bench"
 BACKING_FILE = "/var/tmp/ubd-bench.img"  # on the root ext4 (O_DIRECT needs a real filesystem)
 BACKING_MIB = 512
+NULL_GIB = 250                           # null_blk's own default size (gb=250), for both sides
 UBD_ID = {"null": 0, "loop": 1}
-SPLAT_WORDS = ("BUG:", "WARNING:", "Oops", "hung task", "soft lockup", "KASAN", "UBSAN", "refcount")
+KERNEL_LOOP = device.Device(target="kernel_loop", file=BACKING_FILE)
+
+
+def ubd_device(target, queues) -> device.Device:
+    """The server's device of a pair; queue depth and the rest are the vocabulary's defaults."""
+    if target == "null":
+        return device.Device(target="null", id=UBD_ID["null"], queues=queues, size=NULL_GIB << 30)
+    return device.Device(target="loop", id=UBD_ID["loop"], queues=queues, file=BACKING_FILE)
+
+
+DEVICE_DEPTH = ubd_device("null", 1).depth   # also null_blk's hw_queue_depth: the pairs alike
 
 
 class PhaseError(RuntimeError):
@@ -22,7 +36,7 @@ class PhaseError(RuntimeError):
 
 def null_blk_params(queues):
     return {"nr_devices": 1, "queue_mode": 2, "submit_queues": queues, "hw_queue_depth": DEVICE_DEPTH,
-            "memory_backed": 0}
+            "gb": NULL_GIB, "memory_backed": 0}
 
 
 PROFILE_SITE = f"{GUEST_DIR}/prof-site"   # holds bench/guest_profile.py as sitecustomize.py
@@ -44,8 +58,7 @@ def setup_script(queues, targets, profile=None) -> str:
         lines += [f"modprobe null_blk {nb}",
                   "test -b /dev/nullb0",
                   "echo \"@dev null kernel /dev/nullb0\"",
-                  f"{env}ublk add -t null -q {queues} -d {DEVICE_DEPTH} -n {UBD_ID['null']} "
-                  f"> {GUEST_DIR}/add-null.txt",
+                  f"{env}{device.add_command(ubd_device('null', queues))} > {GUEST_DIR}/add-null.txt",
                   f"test -b /dev/ublkb{UBD_ID['null']}",
                   f"echo \"@dev null ubd /dev/ublkb{UBD_ID['null']}\""]
     if "loop" in targets:
@@ -54,11 +67,10 @@ def setup_script(queues, targets, profile=None) -> str:
                   f"  dd if=/dev/zero of={BACKING_FILE} bs=1M count={BACKING_MIB} oflag=direct status=none",
                   "fi",
                   "sync",
-                  f"L=$(losetup --direct-io=on --show -f {BACKING_FILE})",
+                  f"L=$({device.add_command(KERNEL_LOOP)})",
                   "echo \"@dev loop kernel $L\"",
                   "echo \"@loopdio $(cat /sys/block/${L#/dev/}/loop/dio)\"",
-                  f"{env}ublk add -t loop -q {queues} -d {DEVICE_DEPTH} -n {UBD_ID['loop']} "
-                  f"-f {BACKING_FILE} > {GUEST_DIR}/add-loop.txt",
+                  f"{env}{device.add_command(ubd_device('loop', queues))} > {GUEST_DIR}/add-loop.txt",
                   f"test -b /dev/ublkb{UBD_ID['loop']}",
                   f"echo \"@dev loop ubd /dev/ublkb{UBD_ID['loop']}\""]
     lines += ["ublk list"]
@@ -75,8 +87,8 @@ def run_script(runs, out_dir) -> str:
     head = f"""#!/bin/bash
 OUT={out_dir}
 rm -rf "$OUT"; mkdir -p "$OUT"
-# every process whose cmdline contains ubdsrv (the bracket keeps grep from matching itself)
-PIDS=$(grep -l 'ubd[s]rv' /proc/[0-9]*/cmdline 2>/dev/null | sed 's,^/proc/\\([0-9]*\\)/cmdline$,\\1,')
+# the server's processes, as the server defines them (ubdsrv/proc.py)
+PIDS=$(PYTHONPATH={GUEST_UBD_DIR} python3 -m ubdsrv.proc)
 echo "@pids" $PIDS
 snap() {{ local p s; for p in $PIDS; do {{ read -r s < /proc/$p/stat; }} 2>/dev/null && echo "$s"; done; }}
 run() {{
@@ -247,5 +259,5 @@ def health(g, dest: Path) -> dict:
     dmesg, _, logs = r.stdout.partition("@@@\n")
     (dest / "dmesg.txt").write_text(dmesg)
     (dest / "server.log").write_text(logs)
-    splats = [line for line in dmesg.splitlines() if any(w in line for w in SPLAT_WORDS)]
+    splats = [line for _, line in device.find_splats(dmesg.splitlines())]
     return {"dmesg_splats": splats[:50]}

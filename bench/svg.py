@@ -3,7 +3,7 @@ the parity line (1.0) and the ubd null target (0.5) marked."""
 import math
 from xml.sax.saxutils import escape
 
-from .cases import Case
+from .cases import BenchCase
 
 COLORS = {"null": "#4e79a7", "loop": "#f28e2b"}
 ROW = 22
@@ -43,7 +43,7 @@ def chart(summary: list, title: str, subtitle: str = "") -> str:
         out.append(f'<line x1="{x(t):.1f}" y1="{TOP - 4}" x2="{x(t):.1f}" y2="{bottom}" stroke="#e3e3e3"/>')
         out.append(f'<text x="{x(t):.1f}" y="{bottom + 16}" text-anchor="middle" fill="#555">{t:g}</text>')
     for i, e in enumerate(summary):
-        c = Case.from_dict(e["case"])
+        c = BenchCase.from_dict(e["case"])
         y = TOP + ROW * i
         r = e["ratio"]["iops"]
         out.append(f'<text x="{x0 - 8}" y="{y + ROW * 0.68:.1f}" text-anchor="end">'

@@ -2,11 +2,10 @@
 `pytest scenarios/ -k kill --junitxml=x.xml` works as pytest users expect.
 
 Items share one guest through the engine's own pool (a failure or taint gets a fresh one, as with
-`just run`). A malformed file is a collection error naming the file and key. Guest options come from
---scenario-* options or, like the rest of the suite, UBD_FLAVOUR / UBD_ACCEL."""
-import os
+`just run`). A malformed file is a collection error naming the file and key. Guest options are the
+suite's own (`--flavour`, `--accel`, ..., or UBD_FLAVOUR, ...: vm/options.py); the evidence goes to
+<--results>/scenarios."""
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,9 +14,8 @@ HERE = Path(__file__).resolve().parent
 if str(HERE.parent) not in sys.path:   # `pytest scenarios/` without the repo on the path
     sys.path.insert(0, str(HERE.parent))
 
-from vm import kernel_tree  # noqa: E402
-from vm.paths import results_dir  # noqa: E402
-from vm.scenario import loader, report  # noqa: E402
+from vm import options  # noqa: E402
+from vm.scenario import baseline, loader, report  # noqa: E402
 from vm.scenario.errors import ScenarioError  # noqa: E402
 from vm.scenario.progress import Progress  # noqa: E402
 from vm.scenario.runner import RunOptions, Runner  # noqa: E402
@@ -26,12 +24,8 @@ _RUNNER = pytest.StashKey()
 
 
 def pytest_addoption(parser):
+    options.add_pytest_options(parser)
     g = parser.getgroup("scenarios", "ubd scenario files")
-    g.addoption("--scenario-flavour", default=os.environ.get("UBD_FLAVOUR", "cloud"))
-    g.addoption("--scenario-accel", default=os.environ.get("UBD_ACCEL", "auto"),
-                choices=("auto", "kvm", "tcg"))
-    g.addoption("--scenario-results", default=None,
-                help="folder for the scenarios' evidence (default results/pytest-<time>/scenarios)")
     g.addoption("--scenario-keep", action="store_true",
                 help="after a failure keep the guest up and print the ssh command")
 
@@ -63,6 +57,11 @@ class ScenarioItem(pytest.Item):
         super().__init__(**kw)
         self.case = case
         self.add_marker("guest")
+        if case.nightly:
+            self.add_marker("nightly")
+        known = _known_failures(self.config).get(case.id)
+        if known:   # the kernel's baseline lists it: a failure is expected, a pass is reported
+            self.add_marker(pytest.mark.xfail(reason=f"kernel/baselines: {known}", strict=False))
 
     def runtest(self):
         runner = _runner(self.config)
@@ -81,16 +80,18 @@ class ScenarioItem(pytest.Item):
         return self.path, None, f"scenario {self.case.id}"
 
 
+def _known_failures(config) -> dict:
+    """case id -> reason, from the flavour's baseline; none for a kernel built from a tree."""
+    values = options.values(config.option)
+    return {} if values.get("kernel_tree") else baseline.load(values["flavour"]).known
+
+
 def _runner(config) -> Runner:
     runner = config.stash.get(_RUNNER, None)
     if runner is None:
-        o = config.option
-        run_dir = Path(o.scenario_results) if o.scenario_results else \
-            results_dir() / ("pytest-" + time.strftime("%Y%m%d-%H%M%S")) / "scenarios"
+        run_dir = options.pytest_run_dir(config) / "scenarios"
         run_dir.mkdir(parents=True, exist_ok=True)
-        tree, debug = kernel_tree.from_env()
-        opts = RunOptions(flavour=o.scenario_flavour, accel=o.scenario_accel, keep=o.scenario_keep,
-                          kernel_tree=tree, kernel_debug=debug)
+        opts = RunOptions(guest=options.values(config.option), keep=config.option.scenario_keep)
         # pytest captures stdout; progress goes to the terminal only with -s.
         runner = Runner(opts, run_dir, Progress(live=False))
         runner.results = []
@@ -102,7 +103,8 @@ def _runner(config) -> Runner:
 def _finish(runner):
     """Stop the guest; leave result.json and junit.xml in the run folder, as `just run` does."""
     runner.close()
+    guest = runner.opts.guest
     report.write_json(runner.run_dir, runner.results, {"accel": runner.pool.accel_used,
-                                                       "flavour": runner.opts.flavour,
-                                                       "kernel_tree": str(runner.opts.kernel_tree or "")})
+                                                       "flavour": guest["flavour"],
+                                                       "kernel_tree": str(guest["kernel_tree"] or "")})
     report.write_junit(runner.run_dir, runner.results)

@@ -1,20 +1,21 @@
 """Shared fixtures: booted guests. `guest` is shared by the tests that cannot harm it (rebooted only if
 a test left it dead); `fresh_guest` is a new one for tests that crash or taint the kernel.
 
-There are no skips: a VM test whose prerequisites are missing fails, in CI and everywhere else."""
-import os
+There are no skips: a VM test whose prerequisites are missing fails, in CI and everywhere else.
+Guest options: `pytest --flavour backports ...` or the environment (UBD_FLAVOUR, ...), as for every
+other command (vm/options.py)."""
 import signal
-import time
 from pathlib import Path
 
 import pytest
 
-from vm import kernel_tree
+from vm import options
 from vm.cli_guard import raise_interrupt
 from vm.guest import Guest, GuestOptions
-from vm.paths import results_dir
 
-_RUN = results_dir() / ("pytest-" + time.strftime("%Y%m%d-%H%M%S"))
+
+def pytest_addoption(parser):
+    options.add_pytest_options(parser)
 
 
 def pytest_configure(config):
@@ -22,21 +23,21 @@ def pytest_configure(config):
     signal.signal(signal.SIGTERM, raise_interrupt)
 
 
-def _opts(name, flavour=None) -> GuestOptions:
-    run_dir = _RUN / name
-    # UBD_KERNEL_TREE: every guest boots the kernel built from that tree (not the newer-kernel one,
-    # which exists to test what the packaged 7.x kernel has)
-    tree, debug = kernel_tree.from_env() if flavour is None else (None, False)
-    return GuestOptions(flavour=flavour or os.environ.get("UBD_FLAVOUR", "cloud"),
-                        accel=os.environ.get("UBD_ACCEL", "auto"), run_dir=run_dir,
-                        kernel_tree=tree, kernel_debug=debug,
+def _opts(config, name, flavour=None) -> GuestOptions:
+    values = options.values(config.option)
+    if flavour is not None:
+        # a given flavour's own kernel: not the kernel built from --kernel-tree (the newer-kernel
+        # guest exists to test what the packaged 7.x kernel has)
+        values.update(flavour=flavour, kernel_tree=None, kernel_debug=False)
+    return GuestOptions(**values, run_dir=options.pytest_run_dir(config) / name,
                         log=lambda msg: print(msg, flush=True))
 
 
 class GuestPool:
     """One shared guest; a new one replaces it when a test left it dead."""
 
-    def __init__(self):
+    def __init__(self, config):
+        self.config = config
         self.current = None
         self.boots = 0
 
@@ -44,7 +45,7 @@ class GuestPool:
         if self.current is None or not self.current.is_alive():
             self.close()
             self.boots += 1
-            g = Guest(_opts(f"shared-guest-{self.boots}"))
+            g = Guest(_opts(self.config, f"shared-guest-{self.boots}"))
             g.__enter__()
             self.current = g
         return self.current
@@ -56,8 +57,8 @@ class GuestPool:
 
 
 @pytest.fixture(scope="session")
-def guest_pool():
-    pool = GuestPool()
+def guest_pool(pytestconfig):
+    pool = GuestPool(pytestconfig)
     yield pool
     pool.close()
 
@@ -69,7 +70,7 @@ def guest(guest_pool) -> Guest:
 
 @pytest.fixture
 def fresh_guest(request) -> Guest:
-    g = Guest(_opts("fresh-" + request.node.name.replace("/", "_")[:80]))
+    g = Guest(_opts(request.config, "fresh-" + request.node.name.replace("/", "_")[:80]))
     with g:
         yield g
 
@@ -78,12 +79,14 @@ def fresh_guest(request) -> Guest:
 def newer_kernel_guest(request) -> Guest:
     """A fresh guest on the newest packaged kernel (flavour `backports`, 7.x), for driver features
     6.12 lacks; its image is built on first use."""
-    g = Guest(_opts("fresh-newer-" + request.node.name.replace("/", "_")[:80], flavour="backports"))
+    g = Guest(_opts(request.config, "fresh-newer-" + request.node.name.replace("/", "_")[:80],
+                    flavour="backports"))
     with g:
         yield g
 
 
 @pytest.fixture
-def run_dir() -> Path:
-    _RUN.mkdir(parents=True, exist_ok=True)
-    return _RUN
+def run_dir(pytestconfig) -> Path:
+    path = options.pytest_run_dir(pytestconfig)
+    path.mkdir(parents=True, exist_ok=True)
+    return path

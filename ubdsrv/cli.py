@@ -1,27 +1,45 @@
-"""`ublk`-compatible command line: add, del, list, recover, features.
+"""`ublk`: the command line of ublksrv's C tool (targets/ublk.cpp, targets/ublksrv_tgt.cpp), driving the
+Python server: add, del, list, recover, features, help.
+
+The C tool's argv reading is kept (cliargs: getopt_long, strtol), its outputs are kept byte for byte
+(listing), and so are its clamps. Where it stays silent about bad input (an unknown option, a word
+nobody reads, a number without digits) we say so and exit 2 instead; where it would start something
+this server cannot serve (-z, -b, ...) we refuse.
 
 Exit status: 0 success, 1 the kernel or the daemon refused (message names the command and errno),
-2 bad arguments (message names the option)."""
-import argparse
+2 bad arguments (message names the option). The C tool returns -errno from main instead."""
 import errno
-import json
 import os
 import signal
 import sys
+import threading
 import time
-
-from . import daemon, targets, uapi
+from . import __version__, daemon, listing, proc, targets, uapi
+from .cliargs import Option, Reading
 from .ctrl import Ctrl, UblkError, device_ids
 from .log import Log
 
 PROG = "ublk"
+# the server's defaults and limits, ublksrv's (DEF_NR_HW_QUEUES, DEF_QD, DEF_BUF_SIZE, MAX_NR_HW_QUEUES,
+# MAX_QD, MAX_BUF_SIZE in include/ublksrv.h)
 DEFAULT_QUEUES = 1
 DEFAULT_DEPTH = 128
 DEFAULT_MAX_IO = 512 << 10
+MAX_QUEUES = 32
+MAX_DEPTH = uapi.UBLK_MAX_QUEUE_DEPTH
+MAX_IO = 32 << 20
+MIN_IO = 4096
 LIVE_TIMEOUT = 30.0
-STOP_TIMEOUT = 30.0
+#: how long STOP_DEV may block before `del` kills the server: the kernel's del_gendisk waits for every
+#: request in flight, and a server that never completes one (a stuck tag) would hold it forever
+STOP_GRACE = 10.0
+#: ... and how long after the kill (the kernel fails the held requests at the block layer's timeout)
+STOP_AFTER_KILL = 60.0
+#: how long the server may take to leave /dev/ublkcN after STOP_DEV before it is killed
+SERVER_EXIT_TIMEOUT = 30.0
 RECOVERY_TIMEOUT = 60.0
-RELEASE_TIMEOUT = 3.0
+
+COMMANDS_HELP = "add, del, list, recover, features, help"
 
 
 class CliError(Exception):
@@ -32,166 +50,181 @@ class CliError(Exception):
         self.status = status
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise CliError(f"{self.prog}: {message}", 2)
+def _note(msg):
+    print(f"{PROG}: note: {msg}", file=sys.stderr)
 
 
-def _int_range(lo, hi, what):
-    def conv(s):
-        try:
-            v = int(s, 0)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{what} must be an integer, not {s!r}") from None
-        if not lo <= v <= hi:
-            raise argparse.ArgumentTypeError(f"{what} must be between {lo} and {hi}, not {v}")
-        return v
-    return conv
+# ---- add: the options every target shares (ublksrv_parse_add_opts) -------------------------------------
+TYPE = Option("type", "t", "str", None, "the target: " + ", ".join(targets.TARGETS), "TYPE")
+NUMBER = Option("number", "n", "int", -1, "device id N (/dev/ublkbN); -1: the first free one", "DEV_ID")
+ADD_OPTIONS = (
+    TYPE,
+    NUMBER,
+    Option("queues", "q", "int", DEFAULT_QUEUES, f"hardware queues (at most {MAX_QUEUES}; the kernel "
+           "also caps them at the CPU count)", "NR_HW_QUEUES"),
+    Option("depth", "d", "int", DEFAULT_DEPTH, f"requests in flight per queue (at most {MAX_DEPTH})",
+           "QUEUE_DEPTH"),
+    Option("uring_comp", "u", "int", 0, "URING_CMD_COMP_IN_TASK (kernels complete in task context "
+           "anyway)", "0|1"),
+    Option("need_get_data", "g", "int", 0, "UBLK_F_NEED_GET_DATA: write data is fetched on request",
+           "0|1"),
+    Option("user_recovery", "r", "int", 0, "UBLK_F_USER_RECOVERY: `ublk recover` can replace a dead "
+           "server", "0|1"),
+    Option("user_recovery_reissue", "i", "int", 0, "with recovery: requests in flight go to the new "
+           "server", "0|1"),
+    Option("user_recovery_fail_io", "e", "int", 0, "with recovery: fail IO while no server runs "
+           "(kernel 6.13+)", "0|1"),
+    Option("usercopy", "", "flag", False, "UBLK_F_USER_COPY: data moves by read/write on /dev/ublkcN"),
+    Option("max_io_buf_bytes", "", "int", DEFAULT_MAX_IO, f"largest request, bytes ({MIN_IO} to "
+           f"{MAX_IO})", "N"),
+    Option("debug_mask", "", "hex", 0, "ublksrv's debug log mask: accepted, no effect here", "MASK"),
+)
+#: options ublksrv's `ublk add` knows that this server refuses, and why
+REFUSED = (
+    (Option("zerocopy", "z"), "zero copy (UBLK_F_SUPPORT_ZERO_COPY / AUTO_BUF_REG) is not supported "
+                              "by this server; leave -z out"),
+    (Option("batch-io", "b"), "UBLK_F_BATCH_IO is not supported by this server"),
+    (Option("threads_per_queue", "T", "int"), "this server serves each queue from one process (-T 1)"),
+    (Option("seq_tags", "S"), "this server serves each queue from one process"),
+    (Option("unprivileged"), "unprivileged devices are not supported (the server runs as root)"),
+    (Option("eventfd", "", "int"), "--eventfd is ublksrv's internal handshake"),
+    (Option("shmem_zc"), "shared-memory zero copy is not supported by this server"),
+    (Option("htlb", "", "str"), "shared-memory zero copy is not supported by this server"),
+    (Option("rdonly_shmem_buf"), "shared-memory zero copy is not supported by this server"),
+)
+#: flags the device must really have, as the option that asked for each
+_MUST_KEEP = {uapi.UBLK_F_NEED_GET_DATA: "-g 1", uapi.UBLK_F_USER_RECOVERY: "-r 1",
+              uapi.UBLK_F_USER_RECOVERY_REISSUE: "-i 1", uapi.UBLK_F_USER_RECOVERY_FAIL_IO: "-e 1",
+              uapi.UBLK_F_USER_COPY: "--usercopy"}
 
 
-def _bool01(s):
-    if s not in ("0", "1"):
-        raise argparse.ArgumentTypeError(f"must be 0 or 1, not {s!r}")
-    return s == "1"
+class AddRequest:
+    """`ublk add` read and checked, before the driver is asked anything. dev_id is
+    uapi.UBLK_DEV_ID_AUTO for "any"; notes: what to tell the user on stderr."""
+
+    def __init__(self, target, spec, dev_id, queues, depth, max_io, flags, debug_mask=0, notes=()):
+        self.target, self.spec, self.dev_id = target, spec, dev_id
+        self.queues, self.depth, self.max_io, self.flags = queues, depth, max_io, flags
+        self.debug_mask, self.notes = debug_mask, list(notes)
+
+    def __repr__(self):
+        return f"AddRequest({vars(self)})"
 
 
-_SUFFIX = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+def _fail(cmd, errors):
+    raise CliError(f"{cmd}: " + "; ".join(errors), 2)
 
 
-def parse_size(s):
-    t = s.strip().lower()
-    if t.endswith("ib"):
-        t = t[:-2]
-    num = t.rstrip("kmgtb")
-    suf = t[len(num):]
+def parse_add(argv):
+    """Read `ublk add`'s argv (without "add") as ublksrv does: the common options in one reading, the
+    target's own in another. Raises CliError(status 2) naming the option."""
+    first = Reading(argv, [ADD_OPTIONS], strict=False)
+    name = first.values.get("type")
+    if not name:
+        _fail("add", [f"-t TYPE is required (targets: {', '.join(targets.TARGETS)})"])
     try:
-        v = int(num, 0) * _SUFFIX[suf]
-    except (ValueError, KeyError):
-        raise argparse.ArgumentTypeError(f"invalid size {s!r} (e.g. 1073741824, 512M, 10G)") from None
-    return v
-
-
-def _dev_id(s):
-    v = _int_range(-1, uapi.UBLK_MINORS - 1, "device id")(s)
-    return None if v == -1 else v
-
-
-def build_parser():
-    p = _Parser(prog=PROG, description="Python ubd (ublk) server, compatible with ublksrv's `ublk`.")
-    sub = p.add_subparsers(dest="cmd", metavar="{add,del,list,recover,features}", parser_class=_Parser)
-    sub.required = True
-
-    a = sub.add_parser("add", help="create a device and start its server in the background")
-    a.add_argument("-t", "--type", required=True, help="target: " + ", ".join(sorted(targets.TARGETS)))
-    a.add_argument("-n", "--number", type=_dev_id, default=None, help="device id (default: any)")
-    a.add_argument("-q", "--queues", type=_int_range(1, uapi.UBLK_MAX_NR_QUEUES, "queue count"),
-                   default=DEFAULT_QUEUES, help="number of queues (the kernel caps it at the CPU count)")
-    a.add_argument("-d", "--depth", type=_int_range(1, uapi.UBLK_MAX_QUEUE_DEPTH, "queue depth"),
-                   default=DEFAULT_DEPTH, help="queue depth")
-    a.add_argument("-u", "--zero_copy", type=_bool01, default=False, metavar="0|1")
-    a.add_argument("-g", "--need_get_data", type=_bool01, default=False, metavar="0|1")
-    a.add_argument("-r", "--user_recovery", type=_bool01, default=False, metavar="0|1")
-    a.add_argument("-i", "--user_recovery_reissue", type=_bool01, default=False, metavar="0|1",
-                   help="reissue in-flight IO after recovery (implies -r 1)")
-    a.add_argument("-e", "--user_recovery_fail_io", type=_bool01, default=False, metavar="0|1",
-                   help="fail IO while no server runs (implies -r 1; kernel 6.13+)")
-    a.add_argument("-f", "--file", help="loop: backing file or block device")
-    a.add_argument("-s", "--size", type=parse_size, default=None, help="null: device size (default 250G)")
-    a.add_argument("--buffered_io", action="store_true", help="loop: page-cache IO instead of O_DIRECT")
-
-    d = sub.add_parser("del", help="stop and delete a device (or all)")
-    g = d.add_mutually_exclusive_group(required=True)
-    g.add_argument("-n", "--number", type=_int_range(0, uapi.UBLK_MINORS - 1, "device id"))
-    g.add_argument("-a", "--all", action="store_true")
-
-    ls = sub.add_parser("list", help="show devices")
-    ls.add_argument("-n", "--number", type=_int_range(0, uapi.UBLK_MINORS - 1, "device id"))
-    ls.add_argument("-v", "--verbose", action="store_true")
-
-    r = sub.add_parser("recover", help="restart the server of a device in recovery mode")
-    r.add_argument("-n", "--number", required=True, type=_int_range(0, uapi.UBLK_MINORS - 1, "device id"))
-
-    sub.add_parser("features", help="print the flags the kernel driver supports")
-    return p
-
-
-# ---- add ----------------------------------------------------------------------------------------
-def validate_add(a):
-    """Argument checks that need no driver; returns (target class, spec, requested flags)."""
-    tcls = targets.get(a.type) if a.type in targets.TARGETS else None
-    if tcls is None:
-        raise CliError(f"add: -t {a.type}: unknown target (known: {', '.join(sorted(targets.TARGETS))})", 2)
-    if a.zero_copy:
-        raise CliError("add: -u 1: zero copy is not supported (Linux 6.12 clears UBLK_F_SUPPORT_ZERO_COPY "
-                       "and this server has no zero-copy path); use -u 0", 2)
-    if a.user_recovery_reissue and a.user_recovery_fail_io:
-        raise CliError("add: -i 1 and -e 1 contradict each other (reissue vs fail in-flight IO)", 2)
-    if tcls.name != "loop":
-        if a.file:
-            raise CliError(f"add: -f: only the loop target takes a backing file (not {tcls.name})", 2)
-        if a.buffered_io:
-            raise CliError(f"add: --buffered_io: only the loop target does file IO (not {tcls.name})", 2)
-    if tcls.name != "null" and a.size is not None:
-        raise CliError(f"add: -s: the {tcls.name} target's size comes from its backing store", 2)
-    try:
-        spec = tcls.spec_from_args(a)
+        tcls = targets.get(name)
     except targets.TargetError as e:
-        raise CliError(f"add: {e}", 2) from None
+        _fail("add", [str(e)])
+    r = Reading(argv, [ADD_OPTIONS + tuple(o for o, _ in REFUSED), tcls.options])
+    if r.errors:
+        _fail("add", r.errors)
+    notes = list(r.notes)
+    for written in r.missing.values():
+        # getopt ran out of argv for the value; ublksrv goes on without the option
+        notes.append(f"{written} without a value is ignored, as ublksrv ignores it")
+    for o, why in REFUSED:
+        if o.name in r.given and not (o.name == "threads_per_queue" and r.values[o.name] == 1):
+            _fail("add", [f"{r.given[o.name]}: {why}"])
+    opt = r.given.get
+    number = r.get(NUMBER)
+    if not -1 <= number < uapi.UBLK_MINORS:
+        _fail("add", [f"{opt('number')} {number}: expected a device id, 0 to {uapi.UBLK_MINORS - 1} "
+                      f"(-1: any)"])
+    queues, depth = r.values.get("queues", DEFAULT_QUEUES), r.values.get("depth", DEFAULT_DEPTH)
+    for key, value, hi in (("queues", queues, MAX_QUEUES), ("depth", depth, MAX_DEPTH)):
+        if value < 1:
+            _fail("add", [f"{opt(key)} {value}: expected at least 1"])
+    if queues > MAX_QUEUES:
+        notes.append(f"{opt('queues')} {queues} clamped to {MAX_QUEUES}, ublksrv's maximum")
+        queues = MAX_QUEUES
+    if depth > MAX_DEPTH:
+        notes.append(f"{opt('depth')} {depth} clamped to {MAX_DEPTH}, ublksrv's maximum")
+        depth = MAX_DEPTH
+    max_io = r.values.get("max_io_buf_bytes", DEFAULT_MAX_IO)
+    if not MIN_IO <= max_io <= MAX_IO:
+        _fail("add", [f"--max_io_buf_bytes {max_io}: expected {MIN_IO} to {MAX_IO} bytes"])
     flags = uapi.UBLK_F_CMD_IOCTL_ENCODE
-    if a.need_get_data:
+    on = {key: bool(r.values.get(key)) for key in ("uring_comp", "need_get_data", "user_recovery",
+                                                   "user_recovery_reissue", "user_recovery_fail_io")}
+    if on["user_recovery_reissue"] and on["user_recovery_fail_io"]:
+        _fail("add", [f"{opt('user_recovery_reissue')} and {opt('user_recovery_fail_io')} contradict "
+                      f"each other (reissue vs fail the IO of a dead server)"])
+    if on["uring_comp"]:
+        flags |= uapi.UBLK_F_URING_CMD_COMP_IN_TASK
+    if on["need_get_data"]:
         flags |= uapi.UBLK_F_NEED_GET_DATA
-    if a.user_recovery or a.user_recovery_reissue or a.user_recovery_fail_io:
+    if on["user_recovery"] or on["user_recovery_reissue"] or on["user_recovery_fail_io"]:
         flags |= uapi.UBLK_F_USER_RECOVERY
-    if a.user_recovery_reissue:
+    if on["user_recovery_reissue"]:
         flags |= uapi.UBLK_F_USER_RECOVERY_REISSUE
-    if a.user_recovery_fail_io:
+    if on["user_recovery_fail_io"]:
         flags |= uapi.UBLK_F_USER_RECOVERY_FAIL_IO
-    return tcls, spec, flags
+    if r.values.get("usercopy"):
+        flags |= uapi.UBLK_F_USER_COPY
+    mine = {o.name for o in tcls.options}
+    try:
+        spec = tcls.spec_from_options({o.name: r.get(o) for o in tcls.options},
+                                      {k: v for k, v in r.given.items() if k in mine})
+    except targets.TargetError as e:
+        _fail("add", [str(e)])
+    return AddRequest(tcls, spec, uapi.UBLK_DEV_ID_AUTO if number == -1 else number, queues, depth,
+                      max_io, flags, r.values.get("debug_mask", 0), notes)
 
 
-_MUST_KEEP = (uapi.UBLK_F_NEED_GET_DATA | uapi.UBLK_F_USER_RECOVERY | uapi.UBLK_F_USER_RECOVERY_REISSUE
-              | uapi.UBLK_F_USER_RECOVERY_FAIL_IO)
-_FLAG_OPT = {uapi.UBLK_F_NEED_GET_DATA: "-g 1", uapi.UBLK_F_USER_RECOVERY: "-r 1",
-             uapi.UBLK_F_USER_RECOVERY_REISSUE: "-i 1", uapi.UBLK_F_USER_RECOVERY_FAIL_IO: "-e 1"}
+def _const_name(flag):
+    """`UBLK_F_USER_RECOVERY` for its bit."""
+    return next(k for k, v in vars(uapi).items() if k.startswith("UBLK_F_") and v == flag)
 
 
-def cmd_add(a):
-    tcls, spec, flags = validate_add(a)
+def cmd_add(argv):
+    req = parse_add(argv)
+    for n in req.notes:
+        _note(f"add: {n}")
     with Ctrl() as ctrl:
         features = ctrl.get_features()
         if features is not None:
-            for f in _FLAG_OPT:
-                if flags & f & ~features:
-                    raise CliError(f"add: {_FLAG_OPT[f]}: this kernel's ublk_drv lacks "
-                                   f"UBLK_F_{_flag_const(f)} (features 0x{features:x})", 2)
-        req = uapi.DevInfo(nr_hw_queues=a.queues, queue_depth=a.depth, max_io_buf_bytes=DEFAULT_MAX_IO,
-                           dev_id=uapi.UBLK_DEV_ID_AUTO if a.number is None else a.number, flags=flags)
+            for f, written in _MUST_KEEP.items():
+                if req.flags & f & ~features:
+                    raise CliError(f"add: {written}: this kernel's ublk_drv lacks "
+                                   f"{_const_name(f)} (features 0x{features:x})", 2)
+        info_req = uapi.DevInfo(nr_hw_queues=req.queues, queue_depth=req.depth, max_io_buf_bytes=req.max_io,
+                                dev_id=req.dev_id, flags=req.flags)
         try:
-            info = ctrl.add_dev(req)
+            info = ctrl.add_dev(info_req)
         except UblkError as e:
             raise CliError(f"add: {e}") from None
         dev_id = info.dev_id
         log = Log(dev_id, "cli")
         log(f"add: ADD_DEV -> dev {dev_id} queues {info.nr_hw_queues} depth {info.queue_depth} "
-            f"flags 0x{info.flags:x} [{' '.join(uapi.flag_names(info.flags))}] target {json.dumps(spec)}")
+            f"max io {info.max_io_buf_bytes} flags 0x{info.flags:x} [{' '.join(uapi.flag_names(info.flags))}] "
+            f"target {req.spec}" + (f" debug_mask 0x{req.debug_mask:x}" if req.debug_mask else ""))
         daemon_pid = 0
         try:
-            lost = flags & _MUST_KEEP & ~info.flags
+            lost = [w for f, w in _MUST_KEEP.items() if req.flags & f & ~info.flags]
             if lost:
-                opts = " ".join(_FLAG_OPT[f] for f in _FLAG_OPT if lost & f)
-                raise CliError(f"add: {opts}: the kernel refused UBLK_F_"
-                               + ", UBLK_F_".join(_flag_const(f) for f in _FLAG_OPT if lost & f), 1)
-            if info.nr_hw_queues != a.queues:
-                print(f"add: note: the kernel limited -q {a.queues} to {info.nr_hw_queues} queues "
-                      f"(one per CPU)", file=sys.stderr)
-                log(f"add: kernel limited queues {a.queues} -> {info.nr_hw_queues}")
-            target = tcls(spec)
+                raise CliError(f"add: {' '.join(lost)}: the kernel refused the flag "
+                               f"(asked 0x{req.flags:x}, got 0x{info.flags:x})", 1)
+            if info.nr_hw_queues != req.queues:
+                _note(f"add: the kernel limited -q {req.queues} to {info.nr_hw_queues} queues (one per CPU)")
+                log(f"add: kernel limited queues {req.queues} -> {info.nr_hw_queues}")
+            target = req.target(req.spec)
             try:
                 ctrl.set_params(dev_id, target.params(info))
             except UblkError as e:
                 raise CliError(f"add: {e}") from None
             try:
-                daemon_pid = daemon.spawn(dev_id, info, spec, "add", before_detach=ctrl.close)
+                daemon_pid = daemon.spawn(dev_id, info, req.spec, "add", before_detach=ctrl.close)
             except daemon.SpawnError as e:
                 daemon_pid = e.pid
                 raise CliError(f"add: server for device {dev_id} failed to start: {e} "
@@ -202,36 +235,48 @@ def cmd_add(a):
                                f"{LIVE_TIMEOUT:.0f} s (log: {log.path})")
         except BaseException as e:
             log(f"add: failed ({e}); removing device {dev_id}")
-            _remove(ctrl, dev_id, log, daemon_pid, quiet=True)
+            try:
+                _remove(dev_id, log, daemon_pid, failed_add=True)
+            except Exception as cleanup:   # the first failure is the one to report
+                log(f"add: removing device {dev_id} failed too: {cleanup}")
+                _note(f"add: device {dev_id} could not be removed: {cleanup}")
             raise
         log(f"add: device {dev_id} LIVE, daemon pid {daemon_pid}")
-        print(format_device(ctrl, dev_id))
+        print(_list_one(ctrl, dev_id))
     return 0
 
 
-def _flag_const(f):
-    return {uapi.UBLK_F_NEED_GET_DATA: "NEED_GET_DATA", uapi.UBLK_F_USER_RECOVERY: "USER_RECOVERY",
-            uapi.UBLK_F_USER_RECOVERY_REISSUE: "USER_RECOVERY_REISSUE",
-            uapi.UBLK_F_USER_RECOVERY_FAIL_IO: "USER_RECOVERY_FAIL_IO"}.get(f, hex(f))
+# ---- del (cmd_dev_del, __cmd_dev_del) ------------------------------------------------------------------
+DEL_OPTIONS = (
+    Option("number", "n", "int", None, "the device", "DEV_ID"),
+    Option("all", "a", "flag", False, "every device"),
+    Option("async", "", "flag", False, "DEL_DEV_ASYNC: do not wait for the device's id to be free"),
+)
 
 
-# ---- del ----------------------------------------------------------------------------------------
 def ublkc_holders(dev_id):
     """Pids of processes holding /dev/ublkc<dev_id> open."""
-    target = f"/dev/ublkc{dev_id}"
+    return _holders((f"/dev/ublkc{dev_id}",))
+
+
+def bdev_holders(dev_id):
+    """Pids with /dev/ublkb<dev_id> (possibly already unlinked) open."""
+    return _holders((f"/dev/ublkb{dev_id}", f"/dev/ublkb{dev_id} (deleted)"))
+
+
+def _holders(names):
     out = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
             continue
-        fd_dir = f"/proc/{name}/fd"
         try:
-            fds = os.listdir(fd_dir)
+            fds = os.listdir(f"/proc/{pid}/fd")
         except OSError:
             continue
         for fd in fds:
             try:
-                if os.readlink(f"{fd_dir}/{fd}") == target:
-                    out.append(int(name))
+                if os.readlink(f"/proc/{pid}/fd/{fd}") in names:
+                    out.append(int(pid))
                     break
             except OSError:
                 continue
@@ -239,20 +284,15 @@ def ublkc_holders(dev_id):
 
 
 def _is_ours(pid):
-    """Only signal processes that are verifiably ubdsrv servers: pid > 1, not us, and a python whose
-    argv runs the package (`-m ubdsrv` or .../ubdsrv/__main__.py); a shell whose script merely mentions
-    ubdsrv does not qualify."""
-    if pid <= 1 or pid == os.getpid():
-        return False
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            argv = f.read().split(b"\0")
-    except OSError:
-        return False
-    for i, arg in enumerate(argv[:-1]):
-        if arg == b"-m" and argv[i + 1] == b"ubdsrv":
-            return True
-    return any(a.endswith(b"/ubdsrv/__main__.py") or a.endswith(b"/ubdsrv") for a in argv[1:2])
+    """Only signal processes that are verifiably ubdsrv servers (the one definition: proc.py)."""
+    return proc.is_server(pid)
+
+
+def _kill_servers(pids, log):
+    for pid in pids:
+        if _is_ours(pid):
+            log(f"del: SIGKILL server pid {pid}")
+            os.kill(pid, signal.SIGKILL)
 
 
 def _wait_gone(dev_id, timeout):
@@ -264,94 +304,111 @@ def _wait_gone(dev_id, timeout):
         time.sleep(0.1)
 
 
-def _remove(ctrl, dev_id, log, daemon_pid=0, quiet=False, stop_timeout=STOP_TIMEOUT):
-    """STOP_DEV, wait for the server to leave /dev/ublkcN (kill it if it does not), DEL_DEV."""
-    try:
-        ctrl.stop_dev(dev_id)
-        log(f"del: STOP_DEV dev {dev_id} done")
-    except UblkError as e:
+def _stop(dev_id, log, server_pid, grace=STOP_GRACE):
+    """STOP_DEV; if it has not returned after `grace` seconds, the server holds a request it never
+    completes (del_gendisk waits for it): kill the server, after which the kernel fails that request."""
+    failed = []
+
+    def run():
+        try:
+            with Ctrl() as c:
+                c.stop_dev(dev_id)
+        except BaseException as e:          # handed to the caller below
+            failed.append(e)
+
+    t = threading.Thread(target=run, name=f"stop-{dev_id}", daemon=True)
+    t.start()
+    t.join(grace)
+    if t.is_alive():
+        pids = sorted({server_pid, *ublkc_holders(dev_id)} - {0, -1})
+        msg = (f"STOP_DEV of device {dev_id} has not returned after {grace:.0f} s: the server holds "
+               f"requests it does not complete; killing it (pids {pids})")
+        log(f"del: {msg}")
+        _note(f"del: {msg}")
+        _kill_servers(pids, log)
+        t.join(STOP_AFTER_KILL)
+        if t.is_alive():
+            raise CliError(f"del: device {dev_id}: STOP_DEV still blocked {STOP_AFTER_KILL:.0f} s after the "
+                           f"server was killed; not deleting")
+    if failed:
+        e = failed[0]
+        if not isinstance(e, UblkError):
+            raise e
         log(f"del: {e}")
         if e.errno == errno.ENODEV:
-            raise
-    if daemon_pid and quiet and _is_ours(daemon_pid):
-        # failed add: nothing worth waiting for
-        os.kill(daemon_pid, signal.SIGKILL)
-    left = _wait_gone(dev_id, stop_timeout)
+            raise e
+    else:
+        log(f"del: STOP_DEV dev {dev_id} done")
+
+
+def _remove(dev_id, log, server_pid=0, async_=False, failed_add=False):
+    """STOP_DEV, wait for the server to leave /dev/ublkcN (kill it if it does not), DEL_DEV (which
+    returns once the last opener of /dev/ublkbN closed it: the id is free then) or DEL_DEV_ASYNC."""
+    if failed_add and server_pid and _is_ours(server_pid):
+        os.kill(server_pid, signal.SIGKILL)   # a server that failed to start has nothing to drain
+    _stop(dev_id, log, server_pid)
+    left = _wait_gone(dev_id, SERVER_EXIT_TIMEOUT)
     if left:
-        log(f"del: server still holds /dev/ublkc{dev_id} after {stop_timeout:.0f} s: pids {left}; killing")
-        for pid in left:
-            if _is_ours(pid):
-                os.kill(pid, signal.SIGKILL)
+        log(f"del: server still holds /dev/ublkc{dev_id} after {SERVER_EXIT_TIMEOUT:.0f} s: pids {left}")
+        _kill_servers(left, log)
         left = _wait_gone(dev_id, 10.0)
         if left:
             raise CliError(f"del: device {dev_id}: /dev/ublkc{dev_id} still held by pids {left}; "
                            f"not deleting")
-    # DEL_DEV proper waits for every opener of /dev/ublkbN to close (a reader of the dead disk may
-    # never do so); the async form removes the device at once and frees the id at the last close.
-    if ctrl.del_dev_async(dev_id):
-        how = "DEL_DEV_ASYNC"
-    else:
-        ctrl.del_dev(dev_id)
+    with Ctrl() as ctrl:
         how = "DEL_DEV"
+        if async_:
+            if ctrl.del_dev_async(dev_id):
+                how = "DEL_DEV_ASYNC"
+            else:
+                _note(f"del: this kernel has no DEL_DEV_ASYNC (6.9+); deleting device {dev_id} "
+                      f"synchronously")
+        if how == "DEL_DEV":
+            openers = bdev_holders(dev_id)
+            if openers:
+                log(f"del: DEL_DEV waits for the openers of /dev/ublkb{dev_id} to close it: pids {openers}")
+            try:
+                ctrl.del_dev(dev_id)
+            except UblkError as e:
+                if e.errno != errno.ENODEV:     # gone meanwhile: what we wanted (__cmd_dev_del)
+                    raise
     daemon.remove_state(dev_id)
     log(f"del: device {dev_id} deleted ({how})")
-    if not _wait_released(ctrl, dev_id, RELEASE_TIMEOUT):
-        openers = bdev_holders(dev_id)
-        msg = (f"del: device {dev_id} deleted; its id stays reserved until the last opener of "
-               f"/dev/ublkb{dev_id} closes it (pids {openers or 'unknown'})")
-        log(msg)
-        print(msg, file=sys.stderr)
 
 
-def _wait_released(ctrl, dev_id, timeout):
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            ctrl.get_dev_info(dev_id)
-        except UblkError as e:
-            if e.errno == errno.ENODEV:
-                return True
-            raise
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.05)
-
-
-def bdev_holders(dev_id):
-    """Pids with /dev/ublkb<dev_id> (possibly already unlinked) open."""
-    names = (f"/dev/ublkb{dev_id}", f"/dev/ublkb{dev_id} (deleted)")
-    out = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            fds = os.listdir(f"/proc/{name}/fd")
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                if os.readlink(f"/proc/{name}/fd/{fd}") in names:
-                    out.append(int(name))
-                    break
-            except OSError:
-                continue
-    return out
-
-
-def cmd_del(a):
+def cmd_del(argv):
+    r = Reading(argv, [DEL_OPTIONS])
+    if r.errors:
+        _fail("del", r.errors)
+    number = r.values.get("number")
+    if number is None and not r.values.get("all"):
+        # ublksrv's `ublk del` deletes every device when given neither; that takes -a here
+        _fail("del", ["-n DEV_ID or -a is required"])
+    if number is not None and not 0 <= number < uapi.UBLK_MINORS:
+        _fail("del", [f"{r.given['number']} {number}: expected a device id, 0 to {uapi.UBLK_MINORS - 1}"])
     status = 0
     with Ctrl() as ctrl:
-        ids = device_ids() if a.all else [a.number]
+        ids = [number] if number is not None else device_ids()
         for dev_id in ids:
             log = Log(dev_id, "cli")
             try:
                 info = ctrl.get_dev_info(dev_id)
-                log(f"del: dev {dev_id} state {uapi.state_name(info.state)} daemon pid {info.ublksrv_pid}")
-                _remove(ctrl, dev_id, log, info.ublksrv_pid)
             except UblkError as e:
-                if a.all and e.errno == errno.ENODEV:
-                    continue   # raced with another delete
-                print(f"del: device {dev_id}: {e}", file=sys.stderr)
+                if e.errno == errno.ENODEV:
+                    # not an error for ublksrv either (__cmd_dev_del returns 0)
+                    if number is not None:
+                        _note(f"del: device {dev_id} does not exist")
+                    continue
+                print(f"{PROG} del: device {dev_id}: {e}", file=sys.stderr)
+                status = 1
+                continue
+            log(f"del: dev {dev_id} state {uapi.state_name(info.state)} daemon pid {info.ublksrv_pid}")
+            try:
+                _remove(dev_id, log, info.ublksrv_pid, async_=bool(r.values.get("async")))
+            except UblkError as e:
+                if e.errno == errno.ENODEV:
+                    continue            # deleted by someone else meanwhile
+                print(f"{PROG} del: device {dev_id}: {e}", file=sys.stderr)
                 status = 1
             except CliError as e:
                 print(str(e), file=sys.stderr)
@@ -359,63 +416,68 @@ def cmd_del(a):
     return status
 
 
-# ---- list ---------------------------------------------------------------------------------------
-def format_device(ctrl, dev_id):
+# ---- list (cmd_list_dev_info, list_one_dev) --------------------------------------------------------------
+LIST_OPTIONS = (
+    Option("number", "n", "int", None, "only this device", "DEV_ID"),
+    Option("verbose", "v", "flag", False, "the device's JSON, as ublksrv keeps it"),
+)
+
+
+def _list_one(ctrl, dev_id, verbose=False):
     info = ctrl.get_dev_info(dev_id)
-    try:
-        p = ctrl.get_params(dev_id)
-    except UblkError:
-        p = uapi.Params()
-    st = daemon.load_state(dev_id) or {}
-    names = uapi.flag_names(info.flags)
-    lines = [
-        f"dev id {dev_id}: nr_hw_queues {info.nr_hw_queues} queue_depth {info.queue_depth} "
-        f"block size {1 << p.logical_bs_shift} dev_capacity {p.dev_sectors}",
-        f"\tmax rq size {info.max_io_buf_bytes} daemon pid {info.ublksrv_pid} state "
-        f"{uapi.state_name(info.state)}",
-        f"\tflags 0x{info.flags:x} [ {' '.join(names) + ' ' if names else ''}]",
-        f"\tublkc: {p.char_major}:{p.char_minor} ublkb: {p.disk_major}:{p.disk_minor} "
-        f"owner: {info.owner_uid}:{info.owner_gid}",
-    ]
-    # queue tids only while the daemon that recorded them is the device's server and alive (after a
-    # kill the kernel still reports the dead pid; scripts must not be handed pids that may be reused)
-    if st.get("daemon_pid") == info.ublksrv_pid and _is_ours(info.ublksrv_pid):
-        for qd in st.get("queues", []):
-            cpus = "".join(f"{c} " for c in qd.get("affinity", []))
-            lines.append(f"\tqueue {qd['q_id']}: tid {qd['tid']} affinity({cpus})")
-    if st.get("target_json"):
-        lines.append("\ttarget " + json.dumps(st["target_json"], sort_keys=True, separators=(",", ":")))
-    return "\n".join(lines)
+    params = ctrl.get_params(dev_id)
+    state, _why = daemon.read_state(dev_id, info)
+    if verbose and state is not None:
+        return listing.format_json(info, params, state)
+    return listing.format_device(info, params, state)
 
 
-def cmd_list(a):
+def cmd_list(argv):
+    r = Reading(argv, [LIST_OPTIONS])
+    if r.errors:
+        _fail("list", r.errors)
+    number, verbose = r.values.get("number"), bool(r.values.get("verbose"))
+    if number is not None and not 0 <= number < uapi.UBLK_MINORS:
+        _fail("list", [f"{r.given['number']} {number}: expected a device id, 0 to {uapi.UBLK_MINORS - 1}"])
     with Ctrl() as ctrl:
-        if a.number is not None:
+        if number is not None:
             try:
-                print(format_device(ctrl, a.number))
+                print(_list_one(ctrl, number, verbose))
             except UblkError as e:
-                raise CliError(f"list: device {a.number}: {e}") from None
+                raise CliError(f"list: device {number}: {e}") from None
             return 0
         for dev_id in device_ids():
             try:
-                print(format_device(ctrl, dev_id))
+                print(_list_one(ctrl, dev_id, verbose))
             except UblkError as e:
-                if e.errno != errno.ENODEV:
+                if e.errno != errno.ENODEV:      # deleted while we looked: skip, as ublksrv does
                     raise
     return 0
 
 
-# ---- recover ------------------------------------------------------------------------------------
-def cmd_recover(a):
-    dev_id = a.number
-    st = daemon.load_state(dev_id)
-    if not st or "target" not in st:
-        raise CliError(f"recover: no saved server state for device {dev_id} ({daemon.state_path(dev_id)})")
+# ---- recover (cmd_dev_recover: reads -n and -t, ignores the rest) ------------------------------------
+RECOVER_OPTIONS = (Option("number", "n", "int", None, "the device", "DEV_ID"), TYPE)
+
+
+def cmd_recover(argv):
+    r = Reading(argv, [RECOVER_OPTIONS], strict=False)     # the rest of argv is ignored, as in C
+    if r.errors:
+        _fail("recover", r.errors)
+    dev_id = r.values.get("number")
+    if dev_id is None or not 0 <= dev_id < uapi.UBLK_MINORS:
+        _fail("recover", ["-n DEV_ID is required" if dev_id is None else
+                          f"{r.given['number']} {dev_id}: expected a device id"])
     with Ctrl() as ctrl:
         try:
             info = ctrl.get_dev_info(dev_id)
         except UblkError as e:
             raise CliError(f"recover: device {dev_id}: {e}") from None
+        st, why = daemon.read_state(dev_id, info)
+        if st is None or "target" not in st:
+            raise CliError(f"recover: device {dev_id}: {why or 'the saved state has no target'}")
+        if r.values.get("type") and r.values["type"] != st["target"]["name"]:
+            _note(f"recover: -t {r.values['type']} ignored: device {dev_id} is a "
+                  f"{st['target']['name']} device (its saved target is what the server restarts with)")
         if not info.flags & uapi.UBLK_F_USER_RECOVERY:
             raise CliError(f"recover: device {dev_id} was not created with -r 1 (flags 0x{info.flags:x})")
         if info.state == uapi.UBLK_S_DEV_LIVE:
@@ -446,32 +508,79 @@ def cmd_recover(a):
         if info.state != uapi.UBLK_S_DEV_LIVE:
             raise CliError(f"recover: device {dev_id} is {uapi.state_name(info.state)} after recovery")
         log(f"recover: device {dev_id} LIVE, daemon pid {pid}")
-        print(format_device(ctrl, dev_id))
+        print(_list_one(ctrl, dev_id))
     return 0
 
 
-# ---- features -----------------------------------------------------------------------------------
-def cmd_features(a):
+# ---- features, help, version ------------------------------------------------------------------------
+def cmd_features(argv):
+    r = Reading(argv, [()])
+    if r.errors:
+        _fail("features", r.errors)
     with Ctrl() as ctrl:
         f = ctrl.get_features()
     if f is None:
         raise CliError("features: this kernel's ublk_drv has no GET_FEATURES command (before 6.5)")
-    print(f"ublk_drv features: 0x{f:x}")
-    for name in uapi.flag_names(f):
-        print(f"\t{name}")
+    print(listing.format_features(f))
+    return 0
+
+
+def usage(target=None):
+    """`ublk help [-t TYPE]`: the commands, the options every target takes, then each target's own
+    (from the target)."""
+    tcls = [target] if target else list(targets.TARGETS.values())
+    t = target.name if target else "TYPE"
+    lines = [f"usage: {PROG} add -t {t} [options]      create a device; its server runs in the background",
+             f"       {PROG} del -n DEV_ID | -a [--async]",
+             f"       {PROG} list [-n DEV_ID] [-v]",
+             f"       {PROG} recover -n DEV_ID",
+             f"       {PROG} features",
+             f"       {PROG} help [-t TYPE]",
+             f"       {PROG} -v | --version",
+             "", "options of add, every target:"]
+    for o in ADD_OPTIONS:
+        lines.append(f"\t{o.usage():<26} {o.help}")
+    lines += ["", "target options:" if not target else f"options of -t {t}:"]
+    for c in tcls:
+        lines += c.usage()
+    return "\n".join(lines)
+
+
+def cmd_help(argv):
+    r = Reading(argv, [(TYPE,)])
+    if r.errors:
+        _fail("help", r.errors)
+    name = r.values.get("type")
+    try:
+        print(usage(targets.get(name) if name else None))
+    except targets.TargetError as e:
+        _fail("help", [str(e)])
     return 0
 
 
 COMMANDS = {"add": cmd_add, "del": cmd_del, "list": cmd_list, "recover": cmd_recover,
-            "features": cmd_features}
+            "features": cmd_features, "help": cmd_help}
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        a = build_parser().parse_args(argv)
-        return COMMANDS[a.cmd](a)
+        if not argv:
+            raise CliError(f"{PROG}: missing command ({COMMANDS_HELP})", 2)
+        cmd, rest = argv[0], argv[1:]
+        if cmd in ("-v", "--version"):
+            print(f"ubdsrv {__version__}")
+            return 0
+        if cmd in ("-h", "--help"):
+            cmd = "help"
+        if cmd == "set_affinity":
+            raise CliError(f"{PROG} set_affinity: not supported by this server", 2)
+        if cmd not in COMMANDS:
+            raise CliError(f"{PROG}: unknown command {cmd!r} ({COMMANDS_HELP})", 2)
+        return COMMANDS[cmd](rest)
     except CliError as e:
-        print(str(e), file=sys.stderr)
+        msg = str(e)
+        print(msg if msg.startswith(PROG) else f"{PROG} {msg}", file=sys.stderr)
         return e.status
     except UblkError as e:
         print(f"{PROG}: {e}", file=sys.stderr)

@@ -10,14 +10,26 @@ queues must already be serving.
 
 `spawn()` is what `add` and `recover` call: it detaches the daemon (double fork + setsid, stdio to the
 device log) and waits for its verdict over a pipe.
+
+Memory pressure: every queue process is an IO flusher (PR_SET_IO_FLUSHER: its allocations never recurse
+into IO, and its dirty-page throttling looks only at the device it writes to), since reclaim that writes
+back to this very device would wait for the queue doing the reclaim. Daemon and queues also carry
+oom_score_adj -1000: an OOM kill of the server takes the device down.
+
+SIGTERM (to the daemon; the queues ignore it, so a signal to the whole group changes nothing) is a
+graceful stop: the daemon issues STOP_DEV. The driver fails IO submitted from then on, drains the IO
+already issued (the queues keep serving it), then aborts every fetch; the queues exit, the daemon exits 0
+within STOP_TIMEOUT. The device is left stopped (state DEAD, daemon pid -1), listed until `ublk del`.
 """
 import ctypes
+import errno
 import json
 import mmap
 import os
 import select
 import signal
 import sys
+import threading
 import time
 import traceback
 
@@ -29,20 +41,82 @@ from .queue import Queue
 STATE_DIR = os.environ.get("UBDSRV_STATE_DIR") or "/run/ubdsrv"
 PR_SET_PDEATHSIG = 1
 PR_SET_NAME = 15
+PR_SET_IO_FLUSHER = 57
+OOM_SCORE_ADJ_MIN = -1000
+#: how long /dev/ublkcN may stay missing or busy (udev probing it) before the daemon gives up
+OPEN_TIMEOUT = 10.0
+#: SIGTERM: how long the queues may take to drain after STOP_DEV before they are killed
+STOP_TIMEOUT = 30.0
 
 _libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _prctl(option, arg2=0):
+    """prctl(2) with unsigned long arguments; returns 0 or the errno."""
+    ul = ctypes.c_ulong
+    if _libc.prctl(option, ul(arg2), ul(0), ul(0), ul(0)) != 0:
+        return ctypes.get_errno()
+    return 0
+
+
+# ---- saved state ----------------------------------------------------------------------------------
+#: dev_info fields that must match between the saved state and the device (fixed at ADD_DEV)
+IDENTITY = ("flags", "nr_hw_queues", "queue_depth", "max_io_buf_bytes")
 
 
 def state_path(dev_id):
     return os.path.join(STATE_DIR, f"dev{dev_id}.json")
 
 
-def load_state(dev_id):
+def boot_id():
     try:
-        with open(state_path(dev_id)) as f:
-            return json.load(f)
-    except (OSError, ValueError):
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
         return None
+
+
+def cdev_identity(dev_id):
+    """What tells this /dev/ublkcN from an earlier device with the same id: the inode number of its
+    sysfs directory. sysfs numbers every new kernel object afresh (cyclic ids), so a device deleted and
+    added again, by anyone, gets a new one; unlike ublksrv_pid it does not change on STOP_DEV or
+    recovery. None when sysfs is not mounted."""
+    try:
+        return os.stat(f"/sys/class/ublk-char/ublkc{dev_id}").st_ino
+    except OSError:
+        return None
+
+
+def read_state(dev_id, info):
+    """The saved state of device `dev_id` and why it is not usable: (state, None) when it was written
+    for the device that GET_DEV_INFO's `info` describes, in this boot, else (None, reason)."""
+    path = state_path(dev_id)
+    try:
+        with open(path) as f:
+            st = json.load(f)
+    except FileNotFoundError:
+        return None, f"no saved state ({path})"
+    except (OSError, ValueError) as e:
+        return None, f"unreadable saved state {path}: {e}"
+    if not isinstance(st, dict) or st.get("dev_id") != dev_id:
+        return None, f"{path} does not describe device {dev_id}"
+    if st.get("boot_id") != boot_id():
+        return None, f"{path} was written before the last reboot"
+    for key in IDENTITY:
+        if st.get(key) != getattr(info, key):
+            return None, (f"{path} is stale: {key} {st.get(key)} there, {getattr(info, key)} now "
+                          f"(device {dev_id} was deleted and added again)")
+    if st.get("cdev_ino") != cdev_identity(dev_id):
+        return None, f"{path} is stale: device {dev_id} was deleted and added again since it was written"
+    return st, None
+
+
+def load_state(dev_id, info):
+    """The saved server state (target spec, daemon pid, queue tids) of device `dev_id`, or None when
+    there is none or it belongs to an earlier device with the same id (deleted and added again, maybe
+    by another tool, or before a reboot). `info` is the device's DevInfo from GET_DEV_INFO; `list` and
+    `recover` must trust nothing else. `read_state` gives the reason too."""
+    return read_state(dev_id, info)[0]
 
 
 def save_state(dev_id, state):
@@ -67,16 +141,36 @@ def _set_name(name):
         pass
 
 
-def _open_cdev(dev_id, timeout=10.0):
+def _open_cdev(dev_id, flags, log, timeout=OPEN_TIMEOUT):
+    """Open /dev/ublkcN, waiting while its node is not there yet (udev/devtmpfs) or another process
+    holds it (the driver allows one opener: udev probing the new node, or a dying server's last fd)."""
     path = f"/dev/ublkc{dev_id}"
     deadline = time.monotonic() + timeout
+    waited = None
     while True:
         try:
-            return os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        except FileNotFoundError:
-            if time.monotonic() > deadline:
+            fd = os.open(path, flags)
+            if waited is not None:
+                log(f"daemon: opened {path} after {time.monotonic() - waited:.1f} s")
+            return fd
+        except OSError as e:
+            if e.errno not in (errno.ENOENT, errno.EBUSY):
                 raise
+            if waited is None:
+                waited = time.monotonic()
+                log(f"daemon: {path}: {os.strerror(e.errno)}; retrying for up to {timeout:.0f} s")
+            if time.monotonic() > deadline:
+                what = "still held by another process" if e.errno == errno.EBUSY else "never appeared"
+                raise OSError(e.errno, f"{path} {what} after {timeout:.0f} s") from None
             time.sleep(0.05)
+
+
+def _protect_from_oom(log):
+    try:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write(str(OOM_SCORE_ADJ_MIN))
+    except OSError as e:
+        log(f"daemon: cannot set oom_score_adj {OOM_SCORE_ADJ_MIN}: {e}")
 
 
 def _queue_child(dev_id, q_id, info, cdev, desc, target, log, ready_w, opener, cpus, close_fds):
@@ -88,9 +182,13 @@ def _queue_child(dev_id, q_id, info, cdev, desc, target, log, ready_w, opener, c
                 os.close(fd)
             except OSError:
                 pass
-        _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != opener:      # the opener died before prctl took effect
             os._exit(1)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)   # the daemon's to handle (graceful stop)
+        err = _prctl(PR_SET_IO_FLUSHER, 1)
+        if err:
+            log(f"queue {q_id}: PR_SET_IO_FLUSHER failed: {os.strerror(err)}")
         _set_name(f"ubdq{dev_id}.{q_id}")
         # Pinning a queue to the CPUs blk-mq maps to it makes it compete with the submitter on the
         # same CPU; measured slower on small guests, so it is opt-in (UBDSRV_AFFINITY=1).
@@ -128,7 +226,15 @@ def serve(dev_id, info, spec, mode, report, log, ready_timeout=60.0, report_fd=-
     nq, depth = info.nr_hw_queues, info.queue_depth
     log(f"daemon: {mode} dev {dev_id}: {nq} queues, depth {depth}, max io {info.max_io_buf_bytes}, "
         f"flags 0x{info.flags:x} [{' '.join(uapi.flag_names(info.flags))}], target {json.dumps(spec)}")
-    cdev = _open_cdev(dev_id)
+    # SIGTERM and SIGCHLD wait in the reaping loop (sigtimedwait); a SIGTERM during setup stays pending
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGCHLD})
+    _protect_from_oom(log)
+    flags = os.O_RDWR | os.O_CLOEXEC
+    if info.flags & uapi.UBLK_F_USER_COPY:
+        # the driver's file has no FMODE_NOWAIT: without O_NONBLOCK io_uring hands every copy SQE to an
+        # io-wq thread; with it, the copies (plain memcpy in the driver) run inline
+        flags |= os.O_NONBLOCK
+    cdev = _open_cdev(dev_id, flags, log)
     target.open(log)
     page = mmap.PAGESIZE
     descs = []
@@ -175,13 +281,16 @@ def serve(dev_id, info, spec, mode, report, log, ready_timeout=60.0, report_fd=-
         return 1
     _set_io_timeout(dev_id, log)
     state = {"dev_id": dev_id, "daemon_pid": me, "target": spec, "target_json": target.describe(),
-             "nr_hw_queues": nq, "queue_depth": depth, "flags": info.flags,
+             "boot_id": boot_id(), "cdev_ino": cdev_identity(dev_id),
              "queues": [{"q_id": q, "tid": tids.get(q, 0), "affinity": cpus[q]} for q in range(nq)]}
+    state.update((key, getattr(info, key)) for key in IDENTITY)
     save_state(dev_id, state)
     log(f"daemon: device {dev_id} {'recovered' if mode == 'recover' else 'started'}; queue tids "
         f"{[tids.get(q) for q in range(nq)]}")
     report("OK")
-    return _reap(children, log)
+    status = _serve_until_done(dev_id, children, log)
+    target.close()      # e.g. loop: fsync the backing file
+    return status
 
 
 def _set_io_timeout(dev_id, log):
@@ -252,16 +361,17 @@ def _kill_all(children):
         children.pop(pid, None)
 
 
-def _reap(children, log):
-    """Wait for the queues. A queue that dies abnormally takes the others down (like a crash of a
-    threaded server), so the driver sees the whole server gone."""
+def _reap_exited(children, log):
+    """Collect the queues that exited; returns 1 if one died abnormally. Such a death takes the others
+    down (like a crash of a threaded server), so the driver sees the whole server gone."""
     status = 0
     while children:
         try:
-            pid, st = os.wait()
-        except InterruptedError:
-            continue
+            pid, st = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
+            children.clear()
+            break
+        if pid == 0:
             break
         q = children.pop(pid, None)
         if q is None:
@@ -273,6 +383,49 @@ def _reap(children, log):
         log(f"daemon: queue {q} (pid {pid}) died ({why}); stopping the other queues")
         status = 1
         _kill_all(children)
+    return status
+
+
+def _stop_dev(dev_id, log, failed):
+    try:
+        with Ctrl() as ctrl:
+            ctrl.stop_dev(dev_id)
+        log("daemon: STOP_DEV done")
+    except Exception as e:
+        failed.append(e)
+        log(f"daemon: {e}")
+
+
+def _serve_until_done(dev_id, children, log):
+    """Wait until every queue has exited: the device was stopped or deleted, or SIGTERM stopped it.
+    Returns the daemon's exit status."""
+    status = 0
+    deadline = None
+    stopper = None
+    failed = []
+    while True:
+        status |= _reap_exited(children, log)
+        if not children:
+            break
+        now = time.monotonic()
+        if deadline is not None and now >= deadline:
+            log(f"daemon: queues still serving {STOP_TIMEOUT:.0f} s after SIGTERM; killing them")
+            _kill_all(children)
+            status = 1
+            break
+        wait = 1.0 if deadline is None else min(1.0, deadline - now)
+        sig = signal.sigtimedwait({signal.SIGCHLD, signal.SIGTERM}, wait)
+        if sig is not None and sig.si_signo == signal.SIGTERM and deadline is None:
+            log(f"daemon: SIGTERM (from pid {sig.si_pid}): STOP_DEV; in-flight IO is served first")
+            deadline = time.monotonic() + STOP_TIMEOUT
+            # in a thread: STOP_DEV returns only once the queues drained, and they must not outlive
+            # the deadline if it never does
+            stopper = threading.Thread(target=_stop_dev, args=(dev_id, log, failed), daemon=True)
+            stopper.start()
+    if stopper is not None:
+        stopper.join(5.0)
+        if failed or stopper.is_alive():
+            status = 1
     log(f"daemon: exit (status {status})")
     return status
 

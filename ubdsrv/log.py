@@ -39,14 +39,3 @@ class Log:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-
-
-class NullLog:
-    path = None
-    fd = -1
-
-    def __call__(self, msg):
-        pass
-
-    def close(self):
-        pass

@@ -10,6 +10,11 @@ SQE banks. The SQE array is cut into fixed slots, one per (bank, tag), written o
     bank 1  passthrough READ  (target's fd, the tag's buffer, linked to the commit)
     bank 2  passthrough WRITE (same)
     bank 3  anything else for the tag (target SQEs from queue_io, NEED_GET_DATA)
+    bank 4  USER_COPY only: READ of the request's data from /dev/ublkcN into the tag's buffer
+    bank 5  USER_COPY only: WRITE of the tag's buffer to the request through /dev/ublkcN
+With UBLK_F_USER_COPY the driver does not copy data to or from our buffers: a passthrough WRITE is the
+chain copy-in (bank 4) -> WRITE -> commit, a READ is READ -> copy-out (bank 5) -> commit, one CQE per IO
+as before. Other requests copy synchronously (pread/pwrite of /dev/ublkcN) around the target's work.
 Submitting is writing a slot's index into the SQ index array (the kernel reads SQEs through it), so per
 IO only the fields that change are stored: the commit's result, the read's offset and length. A tag has
 at most one SQE per bank in flight, and a slot is rewritten only when its tag's next request (or the
@@ -24,10 +29,12 @@ import mmap
 import os
 
 from . import uapi, uring
-from .targets.base import OP_SHIFT, TGT_IO
+from .targets.base import OP_SHIFT, TAG_MASK, TGT_IO
 
-BANK_COMMIT, BANK_READ, BANK_WRITE, BANK_OTHER = 0, 1, 2, 3
-NR_BANKS = 4
+BANK_COMMIT, BANK_READ, BANK_WRITE, BANK_OTHER, BANK_COPY_IN, BANK_COPY_OUT = range(6)
+
+#: user_data bit of the queue's own USER_COPY SQEs (banks 4-5): tag | op << OP_SHIFT | UCOPY
+UCOPY = TGT_IO << 1
 
 # the tag's read/write SQE is linked to its commit (the commit runs only if the read succeeded in
 # full) and posts no CQE when it succeeds: a passthrough IO costs one CQE, the next request's
@@ -76,6 +83,8 @@ class Queue:
         self.depth = info.queue_depth
         self.buf_size = info.max_io_buf_bytes
         self.flags = info.flags
+        self.user_copy = bool(info.flags & uapi.UBLK_F_USER_COPY)
+        self.nr_banks = 6 if self.user_copy else 4
         self.cdev_fd = cdev_fd
         self.desc = desc                 # read-only mmap of this queue's ublksrv_io_desc array
         self.target = target
@@ -98,13 +107,14 @@ class Queue:
         self.enters = 0
 
     def setup(self):
-        self.ring = make_ring(_pow2(NR_BANKS * self.depth), self.ring_flags)
+        self.ring = make_ring(_pow2(self.nr_banks * self.depth), self.ring_flags)
         # one anonymous region, one page-aligned slice per tag (fine for O_DIRECT)
         self._bufmap = mmap.mmap(-1, self.depth * self.buf_size,
                                  flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         self._bufref = ctypes.c_char.from_buffer(self._bufmap)
         base = ctypes.addressof(self._bufref)
         self.bufs = [base + tag * self.buf_size for tag in range(self.depth)]
+        self._bufview = memoryview(self._bufmap)
         self._sq_array = _u32_view(self.ring.sq)[self.ring.sq_array_off >> 2:]
         self._write_templates(self.op_fetch)
         self.target.attach(self)
@@ -114,19 +124,28 @@ class Queue:
 
     def _write_templates(self, cmd_op):
         """Fill bank 0 with the ublk command `cmd_op` for every tag, banks 1-2 with the passthrough
-        READ/WRITE (if the target has one)."""
+        READ/WRITE (if the target has one), banks 4-5 with the USER_COPY copies (if negotiated)."""
         sqes, bufs, d, q_id = self.ring.sqes, self.bufs, self.depth, self.q_id
         for tag in range(d):
+            # USER_COPY: the driver refuses a buffer address in FETCH and COMMIT_AND_FETCH
             uring.SQE_CMD16.pack_into(sqes, tag << 6, uring.IORING_OP_URING_CMD, self.cdev_fd, cmd_op,
-                                      tag, q_id, tag, 0, bufs[tag])
+                                      tag, q_id, tag, 0, 0 if self.user_copy else bufs[tag])
         fd = self.passthrough_fd
         if fd is None:
             return
+        # opcode, flags, ioprio, fd, off, addr, len, rw_flags, user_data
         for bank, op in ((BANK_READ, uapi.UBLK_IO_OP_READ), (BANK_WRITE, uapi.UBLK_IO_OP_WRITE)):
             for tag in range(d):
-                # opcode, flags, ioprio, fd, off, addr, len, rw_flags, user_data
                 uring.SQE.pack_into(sqes, self._slot(bank, tag) << 6, uring.IORING_OP_READ + op, _LINKED, 0,
                                     fd, 0, bufs[tag], 0, 0, tag | (op << OP_SHIFT) | TGT_IO)
+        if not self.user_copy:
+            return
+        for bank, opcode, op in ((BANK_COPY_IN, uring.IORING_OP_READ, uapi.UBLK_IO_OP_WRITE),
+                                 (BANK_COPY_OUT, uring.IORING_OP_WRITE, uapi.UBLK_IO_OP_READ)):
+            for tag in range(d):
+                uring.SQE.pack_into(sqes, self._slot(bank, tag) << 6, opcode, _LINKED, 0, self.cdev_fd,
+                                    uapi.user_copy_offset(q_id, tag), bufs[tag], 0, 0,
+                                    tag | (op << OP_SHIFT) | UCOPY)
 
     def _push(self, slot):
         ring = self.ring
@@ -148,7 +167,10 @@ class Queue:
     def fetch_all(self):
         """Submit FETCH_REQ for every tag; raise if the driver rejected any of them."""
         ring = self.ring
+        pre_fetch = self.target.pre_fetch     # fault injection (targets/fault.py)
         for tag in range(self.depth):
+            if pre_fetch is not None:
+                pre_fetch(self, tag)
             self._push(tag)
         ring.submit()
         # the kernel has read the FETCH SQEs (uring_cmd copies an SQE it does not issue at once):
@@ -164,22 +186,51 @@ class Queue:
             if res < 0 and ud < self.depth:
                 raise uring.os_error(-res, f"queue {self.q_id}: FETCH_REQ tag {ud}")
 
+    def _user_copy(self, tag, nbytes, to_request):
+        """USER_COPY, synchronously: the tag's buffer to the request (READ) or the request's data into
+        the buffer (WRITE). Returns None, or -errno for the commit when the driver refused."""
+        buf = self._bufview[tag * self.buf_size:tag * self.buf_size + nbytes]
+        off = uapi.user_copy_offset(self.q_id, tag)
+        try:
+            done = os.pwrite(self.cdev_fd, buf, off) if to_request else os.preadv(self.cdev_fd, [buf], off)
+        except OSError as e:
+            self.log(f"queue {self.q_id}: tag {tag}: user copy of {nbytes} bytes failed: {e}")
+            return -(e.errno or errno.EIO)
+        return None if done == nbytes else -errno.EIO
+
+    def _finish(self, tag, res):
+        """Commit a request's result; under USER_COPY a READ's data goes to the request first."""
+        if self.user_copy and res > 0 and self.desc[tag * 24] == uapi.UBLK_IO_OP_READ:
+            res = self._user_copy(tag, res, True) or res
+        self._commit(tag, res)
+
     def _request(self, tag):
         """A request arrived on `tag` and no shortcut applies: ask the target."""
         op_flags, nr_sectors, start_sector, _addr = uapi.IO_DESC.unpack_from(self.desc, tag * 24)
+        if self.user_copy and op_flags & 0xFF == uapi.UBLK_IO_OP_WRITE:
+            err = self._user_copy(tag, nr_sectors << 9, False)
+            if err:
+                self._commit(tag, err)
+                return
         res = self.target.queue_io(tag, op_flags, nr_sectors, start_sector)
         if res is not None:
-            self._commit(tag, res)
+            self._finish(tag, res)
 
     def _slow_cqe(self, ud, res):
         """Every CQE the hot loop does not handle itself; returns 1 if the tag is gone for good."""
+        if ud & UCOPY:
+            # a USER_COPY SQE of a passthrough chain failed or came up short; the SQEs linked after it
+            # (and the commit) were cancelled without CQEs. Copy-out short: the request got `res` bytes.
+            out = (ud >> OP_SHIFT) & 0xFF == uapi.UBLK_IO_OP_READ
+            self._commit(ud & TAG_MASK, res if out or res < 0 else -errno.EIO)
+            return 0
         if ud & TGT_IO:
             # a target SQE completed (for passthrough reads/writes: only when it failed or came up
-            # short, and then its linked commit was cancelled without a CQE)
-            tag = ud & 0xFFFF
+            # short, and then the SQEs linked after it were cancelled without a CQE)
+            tag = ud & TAG_MASK
             res = self.target.io_done(tag, res, ud)
             if res is not None:
-                self._commit(tag, res)
+                self._finish(tag, res)
             return 0
         if res == 0:
             self._request(ud)
@@ -225,6 +276,7 @@ class Queue:
         sqa = self._sq_array
         complete_inline = self.complete_inline
         passthrough = self.passthrough_fd is not None
+        ucopy = self.user_copy
         slow_cqe = self._slow_cqe
 
         live = d
@@ -288,6 +340,15 @@ class Queue:
                             sqe_u64[s << 3 | 1] = desc_u64[(k >> 1) + 1] << 9
                             sqe_u32[s << 4 | 6] = nr
                             sqe_s32[ud << 4 | 13] = nr      # the commit, if the read is complete
+                            if ucopy:
+                                # copy-in (bank 4) before a WRITE, copy-out (bank 5) after a READ
+                                c = (5 - op) * d + ud
+                                sqe_u32[c << 4 | 6] = nr
+                                sqa[tail & sq_mask] = c if op else s
+                                sqa[(tail + 1) & sq_mask] = s if op else c
+                                sqa[(tail + 2) & sq_mask] = ud
+                                tail += 3
+                                continue
                             sqa[tail & sq_mask] = s
                             sqa[(tail + 1) & sq_mask] = ud
                             tail += 2

@@ -137,6 +137,12 @@ UBLK_IO_RES_ABORT = -errno.ENODEV
 
 UBLKSRV_CMD_BUF_OFFSET = 0
 UBLKSRV_IO_BUF_OFFSET = 0x80000000
+# UBLK_F_USER_COPY: pread/pwrite of /dev/ublkcN at UBLKSRV_IO_BUF_OFFSET + (q_id << UBLK_QID_OFF)
+# + (tag << UBLK_TAG_OFF) + byte offset reach the request's pages
+UBLK_IO_BUF_BITS = 25
+UBLK_TAG_OFF = UBLK_IO_BUF_BITS
+UBLK_TAG_BITS = 16
+UBLK_QID_OFF = UBLK_TAG_OFF + UBLK_TAG_BITS
 UBLK_MAX_QUEUE_DEPTH = 4096
 UBLK_MAX_NR_QUEUES = 4096
 UBLK_MINORS = 1 << 20          # max device id + 1 (UBLK_MAX_UBLKS)
@@ -179,7 +185,7 @@ UBLK_F_BUF_REG_OFF_DAEMON = 1 << 14
 UBLK_F_INTEGRITY = 1 << 16
 UBLK_F_SAFE_STOP_DEV = 1 << 17
 
-#: names as the ublksrv `ublk list` prints them, by bit
+#: every flag by bit, for logs (`ublk list` and `ublk features` use ublksrv's own names, below)
 FLAG_NAMES = {
     UBLK_F_SUPPORT_ZERO_COPY: "ZERO_COPY",
     UBLK_F_URING_CMD_COMP_IN_TASK: "URING_CMD_COMP_IN_TASK",
@@ -199,6 +205,28 @@ FLAG_NAMES = {
     UBLK_F_INTEGRITY: "INTEGRITY",
     UBLK_F_SAFE_STOP_DEV: "SAFE_STOP_DEV",
 }
+
+
+#: `ublk list`: the flags ublksrv's ublksrv_ctrl_dump (lib/ublksrv_cmd.c) names, in its order (not
+#: the bit order); a bit it does not know stays out of the brackets (the hex value has it)
+LIST_FLAG_NAMES = (
+    (UBLK_F_SUPPORT_ZERO_COPY, "SUPPORT_ZERO_COPY"),
+    (UBLK_F_URING_CMD_COMP_IN_TASK, "URING_CMD_COMP_IN_TASK"),
+    (UBLK_F_NEED_GET_DATA, "NEED_GET_DATA"),
+    (UBLK_F_UNPRIVILEGED_DEV, "UNPRIVILEGED_DEV"),
+    (UBLK_F_USER_RECOVERY, "RECOVERY"),
+    (UBLK_F_USER_RECOVERY_REISSUE, "RECOVERY_REISSUE"),
+    (UBLK_F_CMD_IOCTL_ENCODE, "CMD_IOCTL_ENCODE"),
+    (UBLK_F_USER_COPY, "USER_COPY"),
+    (UBLK_F_ZONED, "ZONED"),
+    (UBLK_F_USER_RECOVERY_FAIL_IO, "RECOVERY_FAIL_IO"),
+)
+
+#: `ublk features`: ublksrv's feat_map (targets/ublk.cpp, cmd_dev_get_features), by bit; a bit past
+#: its end prints as "unknown"
+FEATURE_NAMES = ("ZERO_COPY", "COMP_IN_TASK", "GET_DATA", "USER_RECOVERY", "RECOVERY_REISSUE",
+                 "UNPRIVILEGED_DEV", "CMD_IOCTL_ENCODE", "USER_COPY", "ZONED", "RECOVERY_FAIL_IO",
+                 "UPDATE_SIZE", "AUTO_ZC")
 
 
 def flag_names(flags):
@@ -236,6 +264,11 @@ def cmd_buf_offset(q_id, page_size=4096):
     return UBLKSRV_CMD_BUF_OFFSET + q_id * cmd_buf_size_max(page_size)
 
 
+def user_copy_offset(q_id, tag):
+    """Position in /dev/ublkcN of the first byte of request (q_id, tag) (UBLK_F_USER_COPY)."""
+    return UBLKSRV_IO_BUF_OFFSET + (q_id << UBLK_QID_OFF) + (tag << UBLK_TAG_OFF)
+
+
 def _round_up(v, a):
     return (v + a - 1) // a * a
 
@@ -247,10 +280,11 @@ class DevInfo:
               "flags", "ublksrv_flags", "owner_uid", "owner_gid")
 
     def __init__(self, **kw):
-        self.nr_hw_queues = 1
-        self.queue_depth = 128
+        # queues, depth and IO size have no default here: the CLI's are the server's only ones
+        self.nr_hw_queues = 0
+        self.queue_depth = 0
         self.state = 0
-        self.max_io_buf_bytes = 512 << 10
+        self.max_io_buf_bytes = 0
         self.dev_id = UBLK_DEV_ID_AUTO
         self.ublksrv_pid = 0
         self.flags = 0
@@ -281,6 +315,7 @@ class Params:
     """struct ublk_params (basic, discard, devt) as a plain object."""
 
     def __init__(self):
+        self.len = 0          # as GET_PARAMS returned it (pack() computes its own)
         self.types = 0
         # basic
         self.attrs = 0
@@ -321,7 +356,7 @@ class Params:
     @classmethod
     def unpack(cls, buf):
         p = cls()
-        length, p.types = PARAMS_HDR.unpack_from(buf)
+        p.len, p.types = PARAMS_HDR.unpack_from(buf)
         if p.types & UBLK_PARAM_TYPE_BASIC:
             (p.attrs, p.logical_bs_shift, p.physical_bs_shift, p.io_opt_shift, p.io_min_shift,
              p.max_sectors, p.chunk_sectors, p.dev_sectors, p.virt_boundary_mask) = \

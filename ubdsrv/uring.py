@@ -47,6 +47,7 @@ IORING_ENTER_GETEVENTS = 1 << 0
 # opcodes
 IORING_OP_NOP = 0
 IORING_OP_FSYNC = 3
+IORING_OP_TIMEOUT = 11
 IORING_OP_FALLOCATE = 17
 IORING_OP_READ = 22
 IORING_OP_WRITE = 23
@@ -225,12 +226,6 @@ class Ring:
                 raise ValueError("uring_cmd payload larger than 16 bytes (use SQE128)")
             SQE.pack_into(self.sqes, off, IORING_OP_URING_CMD, 0, 0, fd, cmd_op, 0, 0, 0, user_data)
             self.sqes[off + 48:off + 48 + len(cmd)] = cmd
-
-    def prep_ublk_io(self, fd, cmd_op, user_data, q_id, tag, result, addr):
-        """URING_CMD carrying a 16-byte `ublksrv_io_cmd` (64-byte SQE ring)."""
-        off = self.next_sqe()
-        SQE_CMD16.pack_into(self.sqes, off, IORING_OP_URING_CMD, fd, cmd_op, user_data, q_id, tag,
-                            result, addr)
 
     def flush(self):
         """Publish the filled SQEs (write the SQ tail); return how many are pending submission."""

@@ -1,6 +1,5 @@
 """Host commands: `python -m vm exec|shell|image|bench-boot` (the justfile's recipes call these)."""
 import argparse
-import os
 import statistics
 import subprocess
 import sys
@@ -8,19 +7,18 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import flavours, image, image_cache, kernel_tree
+from . import flavours, image, image_cache, options
 from .cli_guard import guarded
 from .errors import BenchError, CommandTimeout
-from .guest import Guest, GuestOptions
+from .guest import Guest
 
 
 def _note(msg):
     print(msg, file=sys.stderr, flush=True)
 
 
-def _guest_opts(a, **kw) -> GuestOptions:
-    return GuestOptions(flavour=a.flavour, accel=a.accel, cpus=a.cpus, memory=a.memory, log=_note,
-                        kernel_tree=a.kernel_tree, kernel_debug=a.debug_kernel, **kw)
+def _guest_opts(a, **kw):
+    return options.guest_options(a, log=_note, **kw)
 
 
 def cmd_exec(a) -> int:
@@ -28,8 +26,7 @@ def cmd_exec(a) -> int:
     if not command:
         raise BenchError("vm-exec: no command given (usage: just vm-exec -- CMD [ARGS...])")
     line = command[0] if len(command) == 1 else " ".join(_sh_quote(c) for c in command)
-    keep = Path(a.run_dir) if a.run_dir else None
-    with Guest(_guest_opts(a, run_dir=keep)) as g:
+    with Guest(_guest_opts(a, run_dir=a.results)) as g:
         _note(f"guest: ready in {g.boot_seconds:.1f} s; running: {line}")
         out, err = sys.stdout.buffer, sys.stderr.buffer
         try:
@@ -47,7 +44,7 @@ def _sh_quote(s):
 
 
 def cmd_shell(a) -> int:
-    with Guest(_guest_opts(a)) as g:
+    with Guest(_guest_opts(a, run_dir=a.results)) as g:
         _note(f"guest: ready in {g.boot_seconds:.1f} s ({g.accel}); exit the shell to tear it down")
         return subprocess.call(g.ssh_argv())
 
@@ -57,18 +54,22 @@ def cmd_image(a) -> int:
         freed = image_cache.prune(_note)
         print(f"pruned the image cache: {freed / 2**20:.0f} MiB freed")
         return 0
-    img = image.ensure(a.flavour, rebuild=a.rebuild, log=_note)
+    if a.print_key:   # the CI cache key: the image's folder name, which holds the recipe hash
+        print(image._entry_dir(flavours.get(a.flavour), a.profile_image).name)
+        return 0
+    img = image.ensure(a.flavour, rebuild=a.rebuild, log=_note, profile=a.profile_image)
     print(f"{img.dir}\nkernel {img.kernel_release}")
     return 0
 
 
 def cmd_bench_boot(a) -> int:
     """Cold boots (fresh overlay each time) from QEMU start to the first SSH command answered."""
-    image.ensure(a.flavour, log=_note)
+    image.ensure(a.flavour, log=_note, profile=a.profile_image)
     times = []
     for i in range(a.boots):
         with tempfile.TemporaryDirectory(prefix="ubd-bootbench-") as tmp:
-            with Guest(_guest_opts(a, run_dir=Path(tmp), push_server=False)) as g:
+            kept = a.results / f"boot-{i + 1}" if a.results else Path(tmp)
+            with Guest(_guest_opts(a, run_dir=kept, push_server=False)) as g:
                 g.exec("true", timeout=30, check=True)
                 took = time.monotonic() - g.machine.started_at
                 times.append(took)
@@ -82,32 +83,24 @@ def _parser():
     p = argparse.ArgumentParser(prog="python -m vm", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    def machine_opts(sp):
-        sp.add_argument("--flavour", default=os.environ.get("UBD_FLAVOUR", flavours.DEFAULT),
-                        help="kernel flavour from kernel/flavours.toml (default: %(default)s)")
-        sp.add_argument("--accel", choices=("auto", "kvm", "tcg"),
-                        default=os.environ.get("UBD_ACCEL", "auto"))
-        sp.add_argument("--cpus", type=int, default=2)
-        sp.add_argument("--memory", default="2G")
-        kernel_tree.add_arguments(sp)
-
+    # --results: keep console.log and the overlay there (default: a temporary folder, removed)
     sp = sub.add_parser("exec", help="run one command in a fresh guest; its exit status is ours")
-    machine_opts(sp)
+    options.add_arguments(sp)
     sp.add_argument("--timeout", type=float, default=600.0)
-    sp.add_argument("--run-dir", help="keep console.log etc. here instead of a temp dir")
     sp.add_argument("command", nargs=argparse.REMAINDER)
     sp.set_defaults(fn=cmd_exec)
     sp = sub.add_parser("shell", help="interactive root shell in a fresh guest, torn down on exit")
-    machine_opts(sp)
+    options.add_arguments(sp)
     sp.set_defaults(fn=cmd_shell)
     sp = sub.add_parser("image", help="build the guest image if its recipe changed (or --rebuild)")
-    sp.add_argument("--flavour", default=os.environ.get("UBD_FLAVOUR", flavours.DEFAULT))
+    options.add_arguments(sp, only=("flavour", "profile_image"))
     sp.add_argument("--rebuild", action="store_true")
+    sp.add_argument("--print-key", action="store_true", help="print the image's cache key and exit")
     sp.add_argument("--prune", action="store_true",
                     help="remove cached images that no current recipe uses (older recipes, dead builds)")
     sp.set_defaults(fn=cmd_image)
     sp = sub.add_parser("bench-boot", help="cold boot time: min / median / max over several boots")
-    machine_opts(sp)
+    options.add_arguments(sp)
     sp.add_argument("--boots", type=int, default=5)
     sp.set_defaults(fn=cmd_bench_boot)
     return p

@@ -35,3 +35,8 @@ def get(name: str) -> Flavour:
         known = ", ".join(sorted(flavours))
         raise BenchError(f"unknown kernel flavour {name!r} (known: {known}; defined in {FLAVOURS_FILE})")
     return flavours[name]
+
+
+if __name__ == "__main__":   # `python3 -m vm.flavours`: the names, as JSON (the nightly workflow's matrix)
+    import json
+    print(json.dumps(sorted(load_all())))

@@ -1,13 +1,18 @@
 """A booted guest: machine + SSH session, with the Python server pushed in. The unit tests and the
-scenario engine work with."""
+scenario engine work with.
+
+Machine-level acts live here too: power_cut() pulls the plug (QEMU killed mid-IO), reboot() is a
+clean reboot, and boot_again() boots the same disks once more and reconnects. A guest started with
+data_disk=True has a second disk mounted at DATA_DIR whose flushes reach the host (see
+machine.DATA_DISK_CACHE): what must survive a power cut lives there."""
 import shlex
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import flavours, image as image_mod, kernel_tree
-from .errors import BootTimeout, GuestLost, KernelPanic
+from . import image as image_mod, kernel_tree, options
+from .errors import BootTimeout, GuestLost, KernelPanic, SetupError
 from .machine import Machine
 from .paths import UBDSRV_DIR
 from .ssh import ExecResult, Session, wait_ready
@@ -18,20 +23,27 @@ BOOT_DEADLINE = 120.0
 # a KASAN + lockdep kernel (--debug-kernel) took 77 s to SSH-ready under TCG here, against ~6 s
 DEBUG_KERNEL_BOOT_FACTOR = 3
 BOOT_ATTEMPTS_TCG = 2  # generous: TCG on a loaded host; a normal cold boot takes ~6 s here
+DATA_DIR = "/data"     # where the data disk is mounted in the guest
+DATA_DEV = "/dev/vdb"
+REBOOT_DEADLINE = 60.0
 
 
 @dataclass
 class GuestOptions:
-    flavour: str = flavours.DEFAULT
-    accel: str = "auto"
-    cpus: int = 2
-    memory: str = "2G"
+    flavour: str = options.default("flavour")
+    accel: str = options.default("accel")
+    cpus: int = options.default("cpus")
+    memory: str = options.default("memory")
     run_dir: Path = None  # where console.log and the overlay go; a temp dir when None
     boot_deadline: float = BOOT_DEADLINE
     push_server: bool = True
     append: str = ""
     kernel_tree: Path = None  # boot a kernel built from this source tree (on the flavour's root)
     kernel_debug: bool = False  # ... with kernel/debug.config (KASAN, lockdep, ...)
+    profile_image: bool = False  # the flavour's image with perf (vm/image.py PROFILE_PACKAGES)
+    data_disk: bool = False     # a second disk at DATA_DIR that survives power cuts
+    server_dir: Path = None     # push this ubdsrv tree instead of the repo's (tests of broken servers)
+    image: object = None        # boot this prepared Image instead (a mutant's driver: vm/mutants.py)
     log: object = field(default=print, repr=False)
 
 
@@ -57,8 +69,8 @@ class Guest:
 
     def start(self):
         o = self.opts
-        img = image_mod.ensure(o.flavour, log=o.log)
-        if o.kernel_tree:
+        img = o.image or image_mod.ensure(o.flavour, log=o.log, profile=o.profile_image)
+        if o.kernel_tree and not o.image:
             img = kernel_tree.ensure(o.kernel_tree, img, debug=o.kernel_debug, log=o.log)
         run_dir = o.run_dir
         if run_dir is None:
@@ -79,19 +91,59 @@ class Guest:
                 o.log(f"guest: kernel panicked during boot under TCG (console kept in {kept}); "
                       "booting again")
         self.boot_seconds = time.monotonic() - self.machine.started_at
-        if o.push_server:
-            self.push_server()
+        self._after_boot(first=True)
 
     def _boot(self, img, run_dir: Path):
         o = self.opts
         self.machine = Machine(img, run_dir, cpus=o.cpus, memory=o.memory, accel=o.accel,
-                               append=o.append, log=o.log)
+                               append=o.append, log=o.log, data_disk=o.data_disk)
         self.machine.start()
+        self._connect()
+
+    def _connect(self):
+        img = self.machine.image
         self.session = Session("127.0.0.1", self.machine.port, img.client_key, img.host_key_pub)
         deadline = self.machine.started_at + self.boot_deadline()
         self._wait_for_sshd(deadline)
         wait_ready(self.session, deadline, self.machine.alive,
                    self._boot_failure)
+
+    def _after_boot(self, first):
+        if self.opts.data_disk:
+            # formatted on the first boot; later boots mount it (ext4 replays its journal)
+            mkfs = f"mkfs.ext4 -q -F -L ubd-data {DATA_DEV} && " if first else ""
+            r = self.exec(f"{mkfs}mkdir -p {DATA_DIR} && mount {DATA_DEV} {DATA_DIR}", timeout=120)
+            if not r.ok:
+                raise SetupError(f"the data disk could not be {'formatted and ' if first else ''}"
+                                 f"mounted at {DATA_DIR}: {(r.stderr or r.stdout).strip()[-500:]}")
+        if self.opts.push_server:
+            self.push_server()
+
+    # --- machine-level acts ----------------------------------------------------------------------
+    def power_cut(self):
+        """The plug pulled mid-IO: QEMU killed at once, nothing flushed on the way down."""
+        self.session.close()
+        self.machine.power_cut()
+
+    def reboot(self, deadline=REBOOT_DEADLINE) -> bool:
+        """A clean reboot (busybox init runs the shutdown script; -no-reboot makes QEMU exit).
+        Returns False when the guest did not go down within deadline; it is still up then."""
+        chan = self.session.client.get_transport().open_session(timeout=10)
+        chan.exec_command("busybox reboot")
+        went_down = self.machine.wait_exit(deadline)
+        self.session.close()
+        if went_down and self.machine.panicked():
+            tail = self.machine.console_tail()
+            raise KernelPanic(f"the guest kernel panicked on its way down; console tail:\n{tail}", tail)
+        return went_down
+
+    def boot_again(self):
+        """Boots the same disks again (after power_cut() or reboot()) and reconnects."""
+        if self.machine.alive():
+            raise SetupError("internal: boot_again() while the guest still runs")
+        self.machine.start(fresh=False)
+        self._connect()
+        self._after_boot(first=False)
 
     def boot_deadline(self) -> float:
         o = self.opts
@@ -165,9 +217,10 @@ class Guest:
         self.session.pull(remote, Path(local))
 
     def push_server(self):
-        """Installs the current ubdsrv/ as /opt/ubd/ubdsrv (the `ublk` wrapper is in the image)."""
+        """Installs the current ubdsrv/ (or opts.server_dir) as /opt/ubd/ubdsrv (the `ublk` wrapper
+        is in the image)."""
         self.exec(f"rm -rf {GUEST_UBD_DIR}/ubdsrv", timeout=30, check=True)
-        self.push(UBDSRV_DIR, f"{GUEST_UBD_DIR}/ubdsrv")
+        self.push(self.opts.server_dir or UBDSRV_DIR, f"{GUEST_UBD_DIR}/ubdsrv")
 
     def ssh_argv(self) -> list:
         """OpenSSH command line for this guest, pinned to the image's host key like the bench is."""

@@ -23,7 +23,12 @@ from .paths import GUESTFS_DIR, cache_dir
 PACKAGES = (
     "python3", "openssh-server", "fio", "util-linux", "e2fsprogs", "xfsprogs", "kmod", "udev",
     "procps", "busybox-static", "iproute2", "psmisc",
+    "liburing2", "fdisk",   # the kernel's ublk selftests: kublk links liburing; test_part_* uses sfdisk
 )
+# The `profile` variant (a cache entry of its own): perf, and the sysctls it needs to see kernel
+# symbols and other processes, applied by the guest's sysinit.
+PROFILE_PACKAGES = ("linux-perf",)
+PROFILE_SYSCTL = "kernel.kptr_restrict = 0\nkernel.perf_event_paranoid = -1\n"
 ROOTFS_SIZE = "4G"  # sparse; room for the backing files scenarios create
 # Files whose content defines the image: change one and the cache key changes.
 RECIPE_FILES = (Path(__file__), Path(initramfs.__file__), initramfs.INIT_SCRIPT)
@@ -47,9 +52,11 @@ class Image:
     def host_key_pub(self): return self.dir / "ssh_host_ed25519_key.pub"
 
 
-def recipe_hash(flavour: flavours.Flavour) -> str:
+def recipe_hash(flavour: flavours.Flavour, profile: bool = False) -> str:
     h = hashlib.sha256()
     h.update(repr((flavour, PACKAGES, ROOTFS_SIZE)).encode())
+    if profile:
+        h.update(repr((PROFILE_PACKAGES, PROFILE_SYSCTL)).encode())
     for p in RECIPE_FILES:
         h.update(p.name.encode() + p.read_bytes())
     for p in sorted(p for p in GUESTFS_DIR.rglob("*") if p.is_file()):
@@ -58,8 +65,16 @@ def recipe_hash(flavour: flavours.Flavour) -> str:
     return h.hexdigest()[:16]
 
 
-def _entry_dir(flavour: flavours.Flavour) -> Path:
-    return cache_dir() / "images" / f"{flavour.name}-{recipe_hash(flavour)}"
+def _entry_dir(flavour: flavours.Flavour, profile: bool = False) -> Path:
+    variant = "-profile" if profile else ""
+    return cache_dir() / "images" / f"{flavour.name}{variant}-{recipe_hash(flavour, profile)}"
+
+
+def _packages(flavour: flavours.Flavour, profile: bool) -> tuple:
+    """The kernel, the bench's packages and, for `profile`, perf from the kernel's own suite."""
+    suite = flavour.kernel_package.partition("/")[2]
+    extra = tuple(p + (f"/{suite}" if suite else "") for p in PROFILE_PACKAGES) if profile else ()
+    return (flavour.kernel_package,) + PACKAGES + extra
 
 
 def _load(d: Path) -> Image:
@@ -67,10 +82,12 @@ def _load(d: Path) -> Image:
     return Image(dir=d, flavour=meta["flavour"], kernel_release=meta["kernel_release"])
 
 
-def ensure(flavour_name: str = flavours.DEFAULT, rebuild: bool = False, log=None) -> Image:
-    """The cached image for a flavour, built first if the recipe changed or none exists."""
+def ensure(flavour_name: str = flavours.DEFAULT, rebuild: bool = False, log=None,
+           profile: bool = False) -> Image:
+    """The cached image for a flavour (its `profile` variant: with perf), built first if the recipe
+    changed or none exists."""
     flavour = flavours.get(flavour_name)
-    final = _entry_dir(flavour)
+    final = _entry_dir(flavour, profile)
     if not rebuild and (final / "manifest.json").is_file():
         return _load(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -78,7 +95,7 @@ def ensure(flavour_name: str = flavours.DEFAULT, rebuild: bool = False, log=None
         fcntl.flock(lock, fcntl.LOCK_EX)  # one build at a time; a waiter finds the result
         if not rebuild and (final / "manifest.json").is_file():
             return _load(final)
-        _build(flavour, final, log or _stderr)
+        _build(flavour, final, log or _stderr, profile)
     return _load(final)
 
 
@@ -100,7 +117,19 @@ def _run(cmd, log, what, **kw):
                          "\n  ".join(tail))
 
 
-def _build(flavour, final: Path, log):
+def bootstrap(root: Path, suites, packages, log, extra_args=()):
+    """A Debian root filesystem at root from the bench's mirror (the guest's, or a build chroot's):
+    suites[0] is the release, the rest are added sources (backports)."""
+    mirror = debian_mirror()
+    cmd = ["mmdebstrap", "--mode=root", "--variant=apt", "--include=" + ",".join(packages),
+           *extra_args,
+           "--dpkgopt=path-exclude=/usr/share/doc/*", "--dpkgopt=path-exclude=/usr/share/man/*",
+           "--dpkgopt=path-exclude=/usr/share/locale/*",
+           suites[0], str(root)] + [f"deb {mirror} {s} main" for s in suites]
+    _run(cmd, log, "running mmdebstrap")
+
+
+def _build(flavour, final: Path, log, profile=False):
     if os.geteuid() != 0:
         raise SetupError("building the guest image needs root (mmdebstrap --mode=root, mkfs.ext4 -d)")
     for tool in ("mmdebstrap", "mkfs.ext4"):
@@ -114,17 +143,13 @@ def _build(flavour, final: Path, log):
     log(f"building guest image {final.name} from {mirror} (suite {flavour.suite}); takes about a minute")
     try:
         root = work / "root"
-        sources = [f"deb {mirror} {s} main" for s in (flavour.suite,) + flavour.extra_suites]
-        cmd = ["mmdebstrap", "--mode=root", "--variant=apt",
-               "--include=" + ",".join((flavour.kernel_package,) + PACKAGES),
-               # The bench boots with its own initramfs: skip the distribution's (slow to build).
-               "--essential-hook=chroot \"$1\" dpkg-divert --quiet --local --rename --add "
-               "/usr/sbin/update-initramfs && ln -sf /bin/true \"$1/usr/sbin/update-initramfs\"",
-               "--dpkgopt=path-exclude=/usr/share/doc/*", "--dpkgopt=path-exclude=/usr/share/man/*",
-               "--dpkgopt=path-exclude=/usr/share/locale/*",
-               flavour.suite, str(root)] + sources
-        _run(cmd, log, "running mmdebstrap")
+        # The bench boots with its own initramfs: skip the distribution's (slow to build).
+        bootstrap(root, (flavour.suite,) + flavour.extra_suites, _packages(flavour, profile),
+                  log, ["--essential-hook=chroot \"$1\" dpkg-divert --quiet --local --rename --add "
+                        "/usr/sbin/update-initramfs && ln -sf /bin/true \"$1/usr/sbin/update-initramfs\""])
         release = _customize(root, work)
+        if profile:
+            _add_profiling(root)
         initramfs.build(root, release, work / "initrd.img")
         shutil.copy(root / "boot" / f"vmlinuz-{release}", work / "vmlinuz")
         log("  image: writing the ext4 root filesystem")
@@ -135,7 +160,7 @@ def _build(flavour, final: Path, log):
         seconds = round(time.monotonic() - started, 1)
         (work / "manifest.json").write_text(json.dumps({
             "flavour": flavour.name, "kernel_release": release, "mirror": mirror,
-            "packages": [flavour.kernel_package, *PACKAGES], "build_seconds": seconds,
+            "packages": list(_packages(flavour, profile)), "build_seconds": seconds,
             "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, indent=2))
         shutil.rmtree(final, ignore_errors=True)
         os.rename(work, final)
@@ -175,3 +200,11 @@ def _customize(root: Path, work: Path) -> str:
     (root / "etc/fstab").write_text("/dev/vda / ext4 rw 0 1\n")
     (root / "opt/ubd").mkdir(parents=True, exist_ok=True)
     return releases[0]
+
+
+def _add_profiling(root: Path):
+    conf = root / "etc/sysctl.d/90-ubd-profile.conf"
+    conf.parent.mkdir(parents=True, exist_ok=True)
+    conf.write_text(PROFILE_SYSCTL)
+    sysinit = root / "usr/local/sbin/ubd-sysinit"
+    sysinit.write_text(sysinit.read_text() + f"sysctl -q -p /{conf.relative_to(root)}\n")

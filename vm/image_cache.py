@@ -16,7 +16,8 @@ def stale_entries() -> list:
     images = cache_dir() / "images"
     if not images.is_dir():
         return []
-    current = {_entry_dir(f).name for f in flavours.load_all().values()}
+    current = {_entry_dir(f, profile).name for f in flavours.load_all().values()
+               for profile in (False, True)}
     return sorted(p for p in images.iterdir() if p.is_dir() and p.name not in current)
 
 

@@ -8,7 +8,6 @@ kernel/debug.config. The modules travel in the initramfs, which copies them into
 
 The result is an image cache entry of its own: the built kernel and initramfs, and links to the base
 image's root filesystem and SSH keys."""
-import argparse
 import fcntl
 import hashlib
 import json
@@ -30,6 +29,8 @@ from .paths import KERNEL_DIR, REPO, cache_dir
 REQUIRED = ("CONFIG_BLK_DEV_UBLK", "CONFIG_VIRTIO_BLK", "CONFIG_VIRTIO_NET", "CONFIG_VIRTIO_PCI",
             "CONFIG_EXT4_FS", "CONFIG_DEVTMPFS", "CONFIG_IO_URING", "CONFIG_SERIAL_8250_CONSOLE")
 LINKED_FROM_BASE = ("rootfs.img", "id_ed25519", "ssh_host_ed25519_key.pub")
+DRIVER_SOURCE = "drivers/block/ublk_drv.c"
+DRIVER_MODULE = "kernel/drivers/block/ublk_drv.ko"   # its place in the installed module tree
 
 
 def _log_default(msg):
@@ -38,9 +39,9 @@ def _log_default(msg):
 
 def check_tree(tree: Path) -> Path:
     tree = Path(tree).expanduser().resolve()
-    if not (tree / "Makefile").is_file() or not (tree / "drivers/block/ublk_drv.c").is_file():
+    if not (tree / "Makefile").is_file() or not (tree / DRIVER_SOURCE).is_file():
         raise SetupError(f"--kernel-tree {tree}: not a Linux source tree with the ublk driver "
-                         "(expected Makefile and drivers/block/ublk_drv.c)")
+                         f"(expected Makefile and {DRIVER_SOURCE})")
     return tree
 
 
@@ -204,27 +205,42 @@ def _build(tree: Path, entry: Path, base: Image, debug: bool, log) -> Image:
     return Image(dir=entry, flavour=f"tree:{tree}", kernel_release=release)
 
 
-def _tree_arg(value):
-    try:
-        return check_tree(value)
-    except SetupError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+def build_module(tree, src_dir: Path, debug=False, log=None) -> Path:
+    """Builds the external module whose Kbuild is in src_dir against the tree's built kernel
+    (ensure() first): only src_dir is written, neither the tree nor its build. Returns the .ko."""
+    log = log or _log_default
+    tree = check_tree(tree)
+    entry = _entry_dir(tree, debug)
+    if not (entry / "manifest.json").is_file():
+        raise SetupError(f"{tree} has no finished build in {entry}: build the tree first")
+    src_dir = Path(src_dir).resolve()
+    with open(entry / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)   # not while ensure() rebuilds that tree
+        _Make(tree, entry / "build", src_dir / "build.log", log)(
+            f"M={src_dir}", "modules", what=f"building the module in {src_dir}")
+    kos = sorted(src_dir.glob("*.ko"))
+    if len(kos) != 1:
+        raise SetupError(f"the module build in {src_dir} gave {len(kos)} .ko files, expected one")
+    return kos[0]
 
 
-def add_arguments(parser):
-    """--kernel-tree / --debug-kernel for every command that boots a guest (env: UBD_KERNEL_TREE,
-    UBD_KERNEL_DEBUG=1). A bad tree is refused while parsing, before anything starts."""
-    env_tree = os.environ.get("UBD_KERNEL_TREE") or None
-    parser.add_argument("--kernel-tree", metavar="DIR", type=_tree_arg,
-                        default=_tree_arg(env_tree) if env_tree else None,
-                        help="build the guest kernel from this Linux source tree (out of tree, cached) "
-                             "and boot it on the flavour's root filesystem")
-    parser.add_argument("--debug-kernel", action="store_true",
-                        default=os.environ.get("UBD_KERNEL_DEBUG") == "1",
-                        help="with --kernel-tree: add kernel/debug.config (KASAN, lockdep, ...)")
-
-
-def from_env():
-    """(tree, debug) for the pytest entry points, which take no command-line options of their own."""
-    tree = os.environ.get("UBD_KERNEL_TREE") or None
-    return (check_tree(tree) if tree else None), os.environ.get("UBD_KERNEL_DEBUG") == "1"
+def with_driver_module(img: Image, ko: Path, out: Path, label: str) -> Image:
+    """A tree image (from ensure()) with another ublk_drv.ko: same kernel and root filesystem, its
+    own initramfs in out. The module is stripped of debug info as modules_install does."""
+    staging = out / "modules"
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(img.dir / "modules", staging, symlinks=True)
+    dest = staging / "lib/modules" / img.kernel_release / DRIVER_MODULE
+    if not dest.is_file():
+        raise SetupError(f"{img.dir / 'modules'} has no {DRIVER_MODULE}: is CONFIG_BLK_DEV_UBLK=m?")
+    subprocess.run(["strip", "--strip-debug", "-o", str(dest), str(ko)], check=True)
+    initramfs.build_for_tree(img.dir / "busybox", staging, img.kernel_release, out / "initrd.img")
+    for name in ("vmlinuz",) + LINKED_FROM_BASE:
+        link = out / name
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to((img.dir / name).resolve())
+    (out / "manifest.json").write_text(json.dumps(
+        {"from": str(img.dir), "driver_module": str(ko), "kernel_release": img.kernel_release},
+        indent=1))
+    return Image(dir=out, flavour=f"{img.flavour}+{label}", kernel_release=img.kernel_release)

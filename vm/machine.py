@@ -1,7 +1,11 @@
 """One QEMU process: direct kernel boot on a throw-away overlay, SSH forwarded, QMP, serial log.
 
 No QEMU may outlive its Machine: stop() escalates from the guest's poweroff to QMP quit to SIGKILL,
-QEMU gets PR_SET_PDEATHSIG so it dies with us even on SIGKILL, and an atexit hook kills leftovers."""
+QEMU gets PR_SET_PDEATHSIG so it dies with us even on SIGKILL, and an atexit hook kills leftovers.
+
+A Machine may boot more than once on the same disks: power_cut() (SIGKILL, the disks kept) or a
+guest reboot (QEMU exits, -no-reboot) followed by start(fresh=False). Each boot appends to the one
+console log; `boot_offset` is where the current boot's console output begins."""
 import atexit
 import ctypes
 import shutil
@@ -22,6 +26,13 @@ QEMU = "qemu-system-x86_64"
 # static branch, and hit the int3 that text_poke_bp left there: "Oops: int3" in sched_clock_tick at
 # "sched_clock: Marking stable", about 1 boot in 70 here. tsc=unstable keeps that branch unflipped.
 TCG_APPEND = "tsc=unstable "
+# The data disk (a second virtio disk, for what must survive a power cut) is a raw file with
+# cache=writeback: the guest sees a volatile write cache, its flushes become fdatasync() of the file,
+# and a raw image has no metadata of QEMU's own. So every write QEMU acknowledged is in the host's
+# page cache (it survives a QEMU kill) and every flushed write is on the host's disk. cache=unsafe
+# would drop the flushes; cache=none needs O_DIRECT, which a tmpfs run folder lacks.
+DATA_DISK_CACHE = "writeback"
+DATA_DISK_SIZE = 2 << 30
 _live = set()  # Machines started and not yet stopped, for the atexit hook
 
 
@@ -38,7 +49,7 @@ def _kill_leftovers():
 
 class Machine:
     def __init__(self, image: Image, run_dir: Path, cpus=2, memory="2G", accel="auto",
-                 append="", log=print):
+                 append="", log=print, data_disk=False):
         self.image = image
         self.run_dir = Path(run_dir)
         self.cpus = cpus
@@ -54,7 +65,10 @@ class Machine:
         self._sock_dir = Path(tempfile.mkdtemp(prefix="ubd-qmp-"))
         self.qmp_path = self._sock_dir / "qmp.sock"
         self.overlay = self.run_dir / "overlay.qcow2"
+        self.data_disk = self.run_dir / "data.raw" if data_disk else None
         self.started_at = None
+        self.boot_offset = 0   # console log offset where the current boot began
+        self.boots = 0
 
     # --- start -----------------------------------------------------------------------------------
     def _choose_accel(self, qemu) -> str:
@@ -72,27 +86,47 @@ class Machine:
                   self.extra_append).strip()
         accel = ["-accel", "kvm", "-cpu", "host"] if self.accel == "kvm" else \
                 ["-accel", "tcg,thread=multi", "-cpu", "max"]
+        # The root overlay stays cache=unsafe (fast; QEMU still writes its qcow2 caches to the host
+        # OS at each guest flush, so a killed QEMU keeps what the guest flushed). What a power cut
+        # scenario checks lives on the data disk (DATA_DISK_CACHE above).
+        data = ["-drive", f"file={self.data_disk},if=virtio,format=raw,cache={DATA_DISK_CACHE}"] \
+            if self.data_disk else []
         return [qemu, "-name", "ubd-guest", "-M", "pc", *accel, "-smp", str(self.cpus),
                 "-m", str(self.memory), "-nodefaults", "-no-user-config", "-display", "none",
                 "-no-reboot",  # a panic (panic=-1) or reboot ends QEMU: we see it at once
                 "-kernel", str(self.image.kernel), "-initrd", str(self.image.initrd), "-append", append,
                 "-drive", f"file={self.overlay},if=virtio,format=qcow2,cache=unsafe,discard=unmap",
+                *data,
                 "-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{self.port}-:22",
                 "-device", "virtio-net-pci,netdev=net0",
-                "-chardev", f"file,id=console,path={self.console_log}", "-serial", "chardev:console",
+                "-chardev", f"file,id=console,path={self.console_log},append=on",
+                "-serial", "chardev:console",
                 "-qmp", f"unix:{self.qmp_path},server=on,wait=off"]
 
-    def start(self):
+    def start(self, fresh=True):
+        """Boots QEMU. fresh=False boots the disks of the previous boot again (after power_cut()
+        or a guest reboot): the overlay and data disk are kept, the console log goes on."""
         qemu = shutil.which(QEMU)
         if not qemu:
             raise SetupError(f"{QEMU} is not installed: run vm/setup.sh (or `just setup`)")
+        if self.alive():
+            raise SetupError("internal: Machine.start() while QEMU still runs")
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.accel = self._choose_accel(qemu)
-        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b",
-                        str(self.image.rootfs), str(self.overlay)], check=True)
+        if fresh or self.accel is None:
+            self.accel = self._choose_accel(qemu)
+        if fresh:
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b",
+                            str(self.image.rootfs), str(self.overlay)], check=True)
+            self.console_log.write_bytes(b"")
+            if self.data_disk:
+                with open(self.data_disk, "wb") as f:   # sparse; the guest formats it
+                    f.truncate(DATA_DISK_SIZE)
+        elif not self.overlay.exists():
+            raise SetupError("internal: boot again without the previous boot's disks")
+        self.boots += 1
         for attempt in range(3):  # the port may be taken between probing and QEMU's bind
             self.port = free_port()
-            self.console_log.write_bytes(b"")
+            self.boot_offset = self._console_size()
             self.stderr_path = self.run_dir / "qemu.stderr"
             with open(self.stderr_path, "wb") as err:
                 self.proc = subprocess.Popen(self._cmdline(qemu), stdin=subprocess.DEVNULL,
@@ -112,6 +146,12 @@ class Machine:
         self.log(f"guest: QEMU pid {self.proc.pid} running under {how}, ssh on 127.0.0.1:{self.port}")
 
     # --- state -----------------------------------------------------------------------------------
+    def _console_size(self) -> int:
+        try:
+            return self.console_log.stat().st_size
+        except FileNotFoundError:
+            return 0
+
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
@@ -125,8 +165,11 @@ class Machine:
         return console_tail(self.console_text())
 
     def console_contains(self, marker: bytes) -> bool:
+        """Whether the current boot's console output holds marker."""
         try:
-            return marker in self.console_log.read_bytes()
+            with open(self.console_log, "rb") as f:
+                f.seek(self.boot_offset)
+                return marker in f.read()
         except FileNotFoundError:
             return False
 
@@ -170,13 +213,21 @@ class Machine:
         finally:
             self.kill()
 
-    def kill(self):
+    def power_cut(self):
+        """Pulls the plug: SIGKILL, so QEMU flushes nothing of its own; the disks stay for
+        start(fresh=False). What the guest had not written out to the virtual disks is lost."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
         _live.discard(self)
-        try:
-            self.overlay.unlink()
-        except FileNotFoundError:
-            pass
+
+    def kill(self):
+        """Ends QEMU (SIGKILL) and removes everything this Machine created."""
+        self.power_cut()
+        for disk in (self.overlay, self.data_disk):
+            try:
+                if disk is not None:
+                    disk.unlink()
+            except FileNotFoundError:
+                pass
         shutil.rmtree(self._sock_dir, ignore_errors=True)

@@ -9,6 +9,7 @@ cd "$repo"
 declare -A need=(
   [qemu-system-x86_64]=qemu-system-x86 [qemu-img]=qemu-utils [mmdebstrap]=mmdebstrap
   [mkfs.ext4]=e2fsprogs [chroot]=coreutils [ssh]=openssh-client
+  [vagrant]=vagrant   # only `vagrant validate` of the Vagrantfile, in the host tests
 )
 missing=()
 for cmd in "${!need[@]}"; do

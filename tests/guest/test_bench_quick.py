@@ -45,7 +45,7 @@ def test_quick_bench_produces_well_formed_results(run_dir):
     assert len(doc["measurements"]) == len(want) * 2 * doc["run"]["repeats"]
 
     table = (out / "table.txt").read_text()
-    assert all(cases.Case.from_dict(got[c]["case"]).label in table for c in want)
+    assert all(cases.BenchCase.from_dict(got[c]["case"]).label in table for c in want)
     assert "FAILED" not in table and table.strip().splitlines()[0] in p.stdout
 
     root = ET.fromstring((out / "ratios.svg").read_text())

@@ -45,14 +45,14 @@ def test_engine_runs_fio_filesystem_and_health_checks(run):
     assert json.loads((case_dir / "fio/bg-loop1.json").read_text())["jobs"][0]["read"]["iops"] > 0
 
 
-def test_queue_kill_and_graceful_stop(run):
+def test_queue_kill_and_graceful_terminate(run):
     c = run["cases"]["queue_kill_and_stop"]
     assert c["kind"] == "passed", c["message"]
     notes = {s["what"]: s["note"] for s in c["steps"]}
     queue_pid = int(notes["kill -KILL queue 1 of ubd"].split()[-1])
     daemon_pid = int(c["steps"][0]["note"].split()[-1])
     assert queue_pid != daemon_pid   # the queue's own task, not the daemon
-    assert notes["stop ubd"].endswith("exited")
+    assert notes["terminate ubd"].endswith("exited, device DEAD")
 
 
 def test_wrong_expectation_fails_with_reason_and_evidence(run):

@@ -17,10 +17,10 @@ def test_failing_item_explains_itself(tmp_path):
     # The plugin collects the *.toml next to its conftest.py: give it a folder of its own.
     shutil.copy(REPO / "scenarios/conftest.py", tmp_path / "conftest.py")
     shutil.copy(REPO / "tests/data/scenarios/wrong_expectation.toml", tmp_path)
-    results = tmp_path / "results"
+    results = tmp_path / "results" / "scenarios"   # the plugin's folder under --results
     p = subprocess.run([sys.executable, "-m", "pytest", str(tmp_path), "-p", "no:cacheprovider",
                         "--rootdir", str(tmp_path), "-c", os.devnull,
-                        f"--junitxml={tmp_path / 'x.xml'}", f"--scenario-results={results}"],
+                        f"--junitxml={tmp_path / 'x.xml'}", f"--results={results.parent}"],
                        cwd=tmp_path, capture_output=True, text=True, timeout=600,
                        env=dict(os.environ, PYTHONPATH=str(REPO)))
     out = p.stdout

@@ -17,7 +17,7 @@ def _children_qemu(pid):
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signal_during_a_guest_command_stops_qemu(sig, tmp_path):
-    proc = subprocess.Popen([sys.executable, "-m", "vm", "exec", "--run-dir", str(tmp_path), "--",
+    proc = subprocess.Popen([sys.executable, "-m", "vm", "exec", "--results", str(tmp_path), "--",
                              "echo in-guest; sleep 300"], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:

@@ -1,12 +1,18 @@
 """The bench's host-side code with canned fio JSON: parsing, CPU deltas, medians and ratios, the table,
 --compare, the SVG chart, the case matrix and the guest script's files (no VM)."""
 import json
+import subprocess
+import sys
+import time
 import xml.etree.ElementTree as ET
 
 import pytest
 
 from bench import __main__ as cli, cases, cpu, fio, report, runner, svg
-from bench.cases import Case
+from bench.cases import BenchCase
+from vm import device
+from vm.guest import GUEST_UBD_DIR
+from vm.paths import REPO
 
 
 def _dir(iops, bw, lat_mean, p99, ios=None):
@@ -90,8 +96,8 @@ def test_delta_does_not_confuse_a_reused_pid():
 
 
 # --- summary, ratios, table -------------------------------------------------------------------------
-CASE_A = Case("null", "randread-4k", "io_uring", 2, 64)
-CASE_B = Case("loop", "randrw-4k", "libaio", 1, 32)
+CASE_A = BenchCase("null", "randread-4k", "io_uring", 2, 64)
+CASE_B = BenchCase("loop", "randrw-4k", "libaio", 1, 32)
 
 
 def _m(case, side, rep, iops, lat=1e6, p99=2e6, cpu_s=1.0, error=None):
@@ -149,7 +155,7 @@ def test_compare_matches_cases_by_id():
     for m in newer:
         if m["side"] == "ubd":
             m["metrics"] = dict(m["metrics"], iops=m["metrics"]["iops"] * 2)
-    c3 = Case("null", "read-64k", "io_uring", 2, 32)
+    c3 = BenchCase("null", "read-64k", "io_uring", 2, 32)
     newer += [_m(c3, "ubd", 0, 10), _m(c3, "kernel", 0, 20)]
     new = report.summarize([CASE_A, c3], newer)
     cmp = report.compare(_doc("before", old), _doc("after", new))
@@ -226,10 +232,36 @@ def test_plan_interleaves_sides_and_repeats():
     assert all(f"--filename={meta[r]['device']}" in argv for r, argv in runs)
 
 
-def test_guest_script_never_matches_itself():
-    assert "ubdsrv" not in runner.GUEST_DIR
+def test_cpu_sampler_lists_the_server_processes_as_the_server_defines_them():
     s = runner.run_script([("a.ubd.r0", ["fio", "--name=x"])], "/tmp/ubd-bench/out")
-    assert "grep -l 'ubd[s]rv'" in s and "run a.ubd.r0 fio --name=x" in s
+    assert "run a.ubd.r0 fio --name=x" in s
+    [line] = [l for l in s.splitlines() if l.startswith("PIDS=")]
+    assert line == f"PIDS=$(PYTHONPATH={GUEST_UBD_DIR} python3 -m ubdsrv.proc)"
+    # the same command on the host: a server process is listed, a look-alike and itself are not
+    server = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "-m", "ubdsrv"])
+    lookalike = subprocess.Popen(["sh", "-c", "sleep 30; echo python3 -m ubdsrv"])
+    try:
+        time.sleep(0.2)
+        out = subprocess.run([sys.executable, "-m", "ubdsrv.proc"], cwd=REPO, capture_output=True,
+                             text=True, timeout=30).stdout.split()
+        assert str(server.pid) in out and str(lookalike.pid) not in out
+    finally:
+        for p in (server, lookalike):
+            p.kill()
+            p.wait()
+
+
+def test_bench_devices_are_the_vocabularys():
+    script = runner.setup_script(2, ["null", "loop"])
+    assert device.add_command(runner.ubd_device("null", 2)) in script
+    assert "ublk add -t null -n 0 -q 2 -d 128 " in script and f"-s {250 << 30}" in script
+    assert f"ublk add -t loop -n 1 -q 2 -d 128 -f {runner.BACKING_FILE}" in script
+    assert f"L=$(losetup --direct-io=on -f --show {runner.BACKING_FILE})" in script
+    # one queue depth for both sides, the vocabulary's default, deep enough for every case
+    depth = runner.null_blk_params(2)["hw_queue_depth"]
+    assert depth == runner.ubd_device("loop", 1).depth == device.UBLK["depth"].default
+    assert max(c.iodepth for c in cases.full_cases() + cases.quick_cases()) <= depth
+    assert set(cases.TARGETS) <= set(device.TARGETS)
 
 
 def test_collect_reads_a_phase(tmp_path):

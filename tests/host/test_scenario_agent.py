@@ -5,7 +5,11 @@ import subprocess
 import sys
 import time
 
+from vm.paths import REPO
 from vm.scenario import agent
+
+# agent.py imports the pushed server package (/opt/ubd in the guest); here it is the repo's
+AGENT_ENV = dict(os.environ, PYTHONPATH=str(REPO))
 
 LIST = """dev id 0: nr_hw_queues 2 queue_depth 128 block size 512 dev_capacity 2097152
 \tmax rq size 524288 daemon pid 1234 state QUIESCED
@@ -113,7 +117,7 @@ def test_run_does_not_wait_for_daemons_holding_its_output(tmp_path, monkeypatch)
 def test_serve_answers_one_line_per_request():
     p = subprocess.run([sys.executable, agent.__file__, "serve"], text=True, timeout=30,
                        input='{"op": "run", "cmd": "echo $((6*7))", "timeout": 5}\n{"op": "nope"}\n',
-                       capture_output=True, env=dict(os.environ))
+                       capture_output=True, env=AGENT_ENV)
     lines = [json.loads(l) for l in p.stdout.splitlines()]
     assert lines[0]["ready"] and lines[1]["stdout"] == "42\n" and "unknown op" in lines[2]["error"]
 
@@ -122,5 +126,39 @@ def test_call_mode_answers_one_request(tmp_path):
     import base64
     req = base64.b64encode(json.dumps({"op": "ping"}).encode()).decode()
     p = subprocess.run([sys.executable, agent.__file__, "call", req], capture_output=True,
-                       text=True, timeout=30)
+                       text=True, timeout=30, env=AGENT_ENV)
     assert json.loads(p.stdout)["pid"] > 1
+
+
+def test_write_acked_lists_only_fsynced_files_and_verify_finds_every_loss(tmp_path):
+    data, manifest = tmp_path / "acked", tmp_path / "manifest.txt"
+    p = subprocess.run([sys.executable, agent.__file__, "write_acked", str(data), str(manifest),
+                        "4096", "5"], capture_output=True, text=True, timeout=60, env=AGENT_ENV)
+    assert p.returncode == 0, p.stderr
+    text = manifest.read_text()
+    assert [line.split()[0] for line in text.splitlines()] == [f"f00000{i}" for i in range(1, 6)]
+    r = agent.op_verify_acked({"dir": str(data), "manifest": text})
+    assert (r["ok"], r["bad"]) == (5, 0)
+    (data / "f000002").unlink()                              # lost
+    with open(data / "f000003", "r+b") as f:                 # same size, other bytes
+        f.write(b"x")
+    (data / "f000004").write_bytes((data / "f000004").read_bytes()[:100])   # torn
+    r = agent.op_verify_acked({"dir": str(data), "manifest": text})
+    assert (r["ok"], r["bad"]) == (2, 3)
+    assert r["problems"] == ["f000002: No such file or directory",
+                             "f000003: content differs from what was acknowledged",
+                             "f000004: 100 bytes, 4096 were acknowledged"]
+
+
+def test_fio_summary_tells_a_verify_failure_from_an_io_error(tmp_path):
+    f = tmp_path / "fio.json"
+    f.write_text(json.dumps({"jobs": [{"jobname": "a", "error": 5}]}))
+    assert agent.fio_summary(str(f))["verify_failed"] is False
+    f.write_text(json.dumps({"jobs": [{"jobname": "a", "error": 5}, {"jobname": "b", "error": 84}]}))
+    assert agent.fio_summary(str(f))["verify_failed"] is True
+
+
+def test_read_text_of_a_missing_manifest(tmp_path):
+    assert agent.op_read_text({"path": str(tmp_path / "none")}) == {"missing": True}
+    (tmp_path / "m").write_text("a b 1\n")
+    assert agent.op_read_text({"path": str(tmp_path / "m")}) == {"missing": False, "text": "a b 1\n"}

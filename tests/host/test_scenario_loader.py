@@ -3,6 +3,7 @@ import textwrap
 
 import pytest
 
+from vm import device
 from vm.scenario import loader
 from vm.scenario.errors import ScenarioError
 
@@ -63,7 +64,7 @@ def test_unknown_step_kind(tmp_path):
 
 def test_wrong_type(tmp_path):
     e = error(tmp_path, 'description = "d"\n' + DEVICE + 'queues = "two"\n' + ADD_DEL)
-    assert e.key == "devices.ubd.queues" and "an integer from 1 to 64" in str(e)
+    assert e.key == "devices.ubd.queues" and f"an integer from 1 to {device.UBLK['queues'].hi}" in str(e)
 
 
 def test_bool_is_not_an_integer(tmp_path):
@@ -234,3 +235,33 @@ def test_every_shipped_scenario_loads():
                                        "kill_daemon_recover"}
     for f in files:
         assert loader.load(f)
+
+
+def test_a_setting_of_another_target_names_what_this_one_takes(tmp_path):
+    e = error(tmp_path, 'description = "d"\n' + DEVICE + 'buffered_io = true\n' + ADD_DEL)
+    assert e.key == "devices.ubd.buffered_io"
+    assert "not a null setting (null takes: target, size, queues, depth" in str(e)
+
+
+FAULT_ADD_DEL = ADD_DEL.replace('"ubd"', '"f"')
+
+
+def test_fault_settings_are_checked_before_any_guest(tmp_path):
+    e = error(tmp_path, 'description = "d"\n[devices.f]\ntarget = "fault"\nerror_rate = 2\n'
+              + FAULT_ADD_DEL)
+    assert e.key == "devices.f.error_rate" and "from 0.0 to 1.0, got 2" in str(e)
+    e = error(tmp_path, 'description = "d"\n[devices.f]\ntarget = "fault"\nerrno = "eio"\n'
+              + FAULT_ADD_DEL)
+    assert e.key == "devices.f.errno"
+    e = error(tmp_path, 'description = "d"\n[devices.f]\ntarget = "fault"\nbuffered_io = true\n'
+              + FAULT_ADD_DEL)
+    assert e.key == "devices.f.buffered_io" and "applies only with base = loop" in str(e)
+
+
+def test_fault_on_a_loop_base_gets_a_backing_file(tmp_path):
+    [case] = load(tmp_path, 'description = "d"\n[devices.f]\ntarget = "fault"\nbase = "loop"\n'
+                            'delay_us = 100\n[devices.n]\ntarget = "fault"\n' + FAULT_ADD_DEL +
+                  '[[steps]]\ndo = "add"\ndevice = "n"\n[[steps]]\ndo = "delete"\ndevice = "n"\n')
+    f, n = case.devices["f"], case.devices["n"]
+    assert f.file == "/var/tmp/ubd-scenario/f.img" and f.options["delay_us"] == 100
+    assert n.file is None and n.options["base"] is None

@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 from vm.paths import REPO
+from vm.scenario import catalog, loader
 
 
 def collect(*args):
@@ -18,7 +19,14 @@ def test_one_item_per_variant():
     assert "scenarios/kill_daemon.toml::kill_daemon[target=null]" in items
     assert "scenarios/heavy_io_delete.toml::heavy_io_delete[target=loop,need_get_data=1]" in items
     assert "scenarios/mq_loop.toml::mq_loop" in items
-    assert len(items) == 8
+    # pytest.ini deselects the `nightly` marker unless asked for (just nightly)
+    assert len(items) == sum(not c.nightly for p in catalog.shipped() for c in loader.load(p))
+
+
+def test_nightly_scenarios_carry_the_nightly_marker():
+    _, items = collect("-m", "nightly")
+    nightly = [c.id for p in catalog.shipped() for c in loader.load(p) if c.nightly]
+    assert nightly and sorted(i.split("::")[1] for i in items) == sorted(nightly)
 
 
 def test_k_selects_like_pytest_users_expect():

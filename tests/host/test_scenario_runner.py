@@ -102,7 +102,7 @@ def make_runner(tmp_path, monkeypatch):
     def build(*agents):
         queue = list(agents)
 
-        def acquire(pool):
+        def acquire(pool, data_disk=False):
             if pool.guest is not None and pool.guest.is_alive():
                 return pool.guest, pool.agent, False
             boots.append(1)
@@ -231,3 +231,155 @@ def test_plain_progress_lines():
     p.step(2, 3, 4, 8, "kill -KILL ubd")
     assert "[1/2] kill_daemon[target=null]" in out.getvalue()
     assert "loop 2/3 step 4/8 kill -KILL ubd" in out.getvalue() and "\r" not in out.getvalue()
+
+
+def test_live_progress_draws_with_rich_and_keeps_the_lines_that_stay():
+    from types import SimpleNamespace
+    out = io.StringIO()
+    p = Progress(out, live=True)
+    p.case_started("kill_daemon[target=null]", 1, 2)
+    p.step(2, 3, 4, 8, "kill -KILL ubd")
+    p.note("guest-1: up in 5.0 s (tcg)")
+    p.case_done(SimpleNamespace(passed=False, failed=True, kind="timeout", duration=3.2, where="step 4/8",
+                                message="no answer"))
+    text = out.getvalue()
+    assert "\x1b[" in text and "loop 2/3 step 4/8 kill -KILL ubd" in text   # the live line
+    assert "kill_daemon[target=null]" in text                               # brackets kept as text
+    assert "guest-1: up in 5.0 s (tcg)\n" in text
+    assert text.endswith("[1/2] kill_daemon[target=null]: FAIL (timeout) in 3.2 s\n    step 4/8: no answer\n")
+
+
+# --- across boots: power_cut, the manifest of acknowledged writes, dmesg of every boot ----------
+POWER_CUT = """
+description = "cut"
+[devices.pc]
+target = "loop"
+size = "64M"
+file = "/data/pc.img"
+[[steps]]
+do = "add"
+device = "pc"
+[[steps]]
+do = "mount"
+device = "pc"
+[[steps]]
+do = "write_acked"
+device = "pc"
+[[steps]]
+do = "power_cut"
+[[steps]]
+do = "add"
+device = "pc"
+[[steps]]
+do = "mount"
+device = "pc"
+[[steps]]
+do = "verify_acked"
+device = "pc"
+[[steps]]
+do = "umount"
+device = "pc"
+[[steps]]
+do = "delete"
+device = "pc"
+"""
+MANIFEST = "f000001 " + "a" * 64 + " 65536\nf000002 " + "b" * 64 + " 65536\nf00000"
+
+
+class CrashAgent(FakeAgent):
+    """A boot's agent: the first one has a writer's manifest, the second verifies it."""
+
+    def __init__(self, dmesg=(), lost=0):
+        super().__init__(state="LIVE", dmesg=dmesg)
+        self.lost = lost
+
+    def call(self, op, timeout=60, **req):
+        self.calls.append((op, req))
+        if op == "read_text":
+            return {"missing": False, "text": MANIFEST}
+        if op == "verify_acked":
+            total = req["manifest"].count("\n")
+            return {"ok": total - self.lost, "bad": self.lost,
+                    "problems": ["f000002: No such file or directory"][:self.lost]}
+        return super().call(op, timeout, **req)
+
+
+@pytest.fixture
+def crash_runner(tmp_path, make_runner, monkeypatch):
+    def build(first, second):
+        r, boots = make_runner(first, FakeAgent())
+        cuts = []
+
+        def power_cut(guest):
+            cuts.append("cut")
+
+        def boot_again(guest):
+            cuts.append("boot")
+            guest.console_log.write_text(guest.console_log.read_text() + "boot again\n")
+        monkeypatch.setattr(FakeGuest, "power_cut", power_cut, raising=False)
+        monkeypatch.setattr(FakeGuest, "boot_again", boot_again, raising=False)
+
+        def new_agent(guest):
+            second.guest = guest
+            second.start = lambda: None
+            return second
+        monkeypatch.setattr(runner, "AgentClient", new_agent)
+        return r, boots, cuts
+    return build
+
+
+def test_power_cut_boots_again_checks_the_manifest_and_keeps_every_boots_dmesg(tmp_path,
+                                                                              crash_runner):
+    first = CrashAgent(dmesg=["[ 5.0] boot one says hi"])
+    second = CrashAgent(dmesg=["[ 1.0] boot two says hi"])
+    r, boots, cuts = crash_runner(first, second)
+    res = r.run_case(case(tmp_path, POWER_CUT))
+    assert res.kind == PASSED, report.failure_text(res)
+    assert cuts == ["cut", "boot"]
+    # the manifest was read before the cut; only its whole lines count
+    assert first.calls.index(("read_text", {"path": "/run/ubd-scenario/acked-pc.txt"})) >= 0
+    verify = [req for op, req in second.calls if op == "verify_acked"][0]
+    assert verify["manifest"] == MANIFEST.rsplit("\n", 1)[0] + "\n"
+    assert verify["dir"] == "/mnt/pc/acked"
+    assert (tmp_path / "run/k/acked-pc.txt").read_text().count("\n") == 2
+    notes = {s["do"]: s["note"] for s in res.steps}
+    assert notes["verify_acked"] == "all 2 acknowledged files intact"
+    assert notes["power_cut"].startswith("2 files acknowledged on pc; QEMU killed")
+    dmesg = (tmp_path / "run/k/dmesg.txt").read_text()
+    assert dmesg.index("boot one says hi") < dmesg.index("--- boot 2 of the case ---") < \
+        dmesg.index("boot two says hi")
+    # the second boot's agent did the health check; the rebooted guest is not reused
+    assert ("kill_jobs", {}) in second.calls and ("kill_jobs", {}) not in first.calls
+    r.run_case(case(tmp_path))
+    assert len(boots) == 2
+
+
+def test_a_lost_acknowledged_file_fails_with_the_manifest_as_evidence(tmp_path, crash_runner):
+    r, _, _ = crash_runner(CrashAgent(), CrashAgent(lost=1))
+    res = r.run_case(case(tmp_path, POWER_CUT))
+    assert res.kind == EXPECTATION
+    assert res.message == "1 of 2 files acknowledged on pc before the cut are lost or damaged"
+    assert res.where == "step 7/9 (verify_acked pc)"
+    assert "f000002: No such file or directory" in res.seen
+    assert "k/acked-pc.txt" in report.failure_text(res, tmp_path / "run")
+
+
+def test_a_splat_before_the_cut_fails_the_case(tmp_path, crash_runner):
+    warn = "[ 9.9] WARNING: CPU: 0 PID: 1 at drivers/block/ublk_drv.c:1616 ublk_ch_uring_cmd"
+    r, _, _ = crash_runner(CrashAgent(dmesg=[warn]), CrashAgent())
+    res = r.run_case(case(tmp_path, POWER_CUT))
+    assert res.kind == SPLAT and "before the cut" in res.message and warn in res.seen
+
+
+def test_data_that_does_not_verify_fails_even_where_errors_are_allowed():
+    from vm.scenario import steps
+    from vm.scenario.errors import StepFailure
+    step = type("S", (), {"args": {"expect": "errors_allowed", "job": "j", "verify": "crc32c"}})()
+    assert steps.judge_fio(step, 1, {"errors": 1, "error_text": "job j: error 5"}, "") \
+        .startswith("fio exit 1")
+    with pytest.raises(StepFailure) as e:
+        steps.judge_fio(step, 1, {"errors": 1, "error_text": "job j: error 84",
+                                  "verify_failed": True}, "")
+    assert e.value.message == "fio job j: data did not verify"
+    with pytest.raises(StepFailure):
+        steps.judge_fio(step, 1, None, "crc32c: verify failed at file /dev/ublkb0 offset 4096")

@@ -60,3 +60,13 @@ def test_params_pack():
 def test_flag_and_state_names():
     assert uapi.flag_names(0x4A) == ["URING_CMD_COMP_IN_TASK", "RECOVERY", "CMD_IOCTL_ENCODE"]
     assert [uapi.state_name(s) for s in range(4)] == ["DEAD", "LIVE", "QUIESCED", "FAIL_IO"]
+
+
+def test_user_copy_offsets():
+    # include/uapi/linux/ublk_cmd.h: tag at bit 25 (UBLK_IO_BUF_BITS), q_id at bit 41 (+16 tag bits)
+    assert uapi.user_copy_offset(0, 0) == 0x80000000
+    assert uapi.user_copy_offset(0, 1) == 0x80000000 + (1 << 25)
+    assert uapi.user_copy_offset(3, 5) == 0x80000000 + (3 << 41) + (5 << 25)
+    # the largest position still fits a signed 64-bit file offset
+    top = uapi.user_copy_offset(uapi.UBLK_MAX_NR_QUEUES - 1, uapi.UBLK_MAX_QUEUE_DEPTH - 1)
+    assert top + (1 << uapi.UBLK_IO_BUF_BITS) < 1 << 63

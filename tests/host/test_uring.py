@@ -190,3 +190,36 @@ def test_linked_read_with_skip_success_posts_one_cqe(tmp_path):
     finally:
         os.close(fd)
         m.close()
+
+
+def test_three_linked_sqes_post_one_cqe_from_whichever_fails(tmp_path):
+    """What the USER_COPY passthrough chain (copy -> read/write -> commit) relies on: with IO_LINK |
+    CQE_SKIP_SUCCESS on the first two, a full chain posts only the last CQE; a failure anywhere posts
+    only the failing SQE's CQE and cancels the rest silently."""
+    path = tmp_path / "f"
+    path.write_bytes(b"y" * BS)
+    fd = os.open(path, os.O_RDWR)
+    m, addr = _buf(BS)
+    linked = uring.IOSQE_IO_LINK | uring.IOSQE_CQE_SKIP_SUCCESS
+    try:
+        with Ring(16) as r:
+            # full chain: read 4 KiB, write them at offset 4 KiB, then the "commit" NOP
+            r.prep(uring.IORING_OP_READ, fd, 0, addr, BS, 0, 1, linked)
+            r.prep(uring.IORING_OP_WRITE, fd, BS, addr, BS, 0, 2, linked)
+            r.prep_nop(3)
+            # first link fails (bad fd): only its CQE
+            r.prep(uring.IORING_OP_READ, 999, 0, addr, BS, 0, 4, linked)
+            r.prep(uring.IORING_OP_WRITE, fd, 0, addr, BS, 0, 5, linked)
+            r.prep_nop(6)
+            # second link fails: the first posts nothing (success), the second its error, the NOP nothing
+            r.prep(uring.IORING_OP_READ, fd, 0, addr, BS, 0, 7, linked)
+            r.prep(uring.IORING_OP_WRITE, 999, 0, addr, BS, 0, 8, linked)
+            r.prep_nop(9)
+            r.submit()
+            assert _by_ud(r.wait(3)) == {3: 0, 4: -errno.EBADF, 8: -errno.EBADF}
+            r.prep_nop(10)     # nothing else is on its way
+            assert r.wait(1) == [(10, 0, 0)]
+        assert path.read_bytes() == b"y" * (2 * BS)
+    finally:
+        os.close(fd)
+        m.close()

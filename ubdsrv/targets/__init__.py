@@ -1,9 +1,10 @@
 """Target registry: adding a target is one module plus one line here."""
 from .base import QUEUED, TGT_IO, Target, TargetError
+from .fault import FaultTarget
 from .loop import LoopTarget
 from .null import NullTarget
 
-TARGETS = {t.name: t for t in (NullTarget, LoopTarget)}
+TARGETS = {t.name: t for t in (NullTarget, LoopTarget, FaultTarget)}
 
 
 def get(name):

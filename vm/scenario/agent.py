@@ -7,9 +7,15 @@ steps. `agent.py call BASE64` answers one request, for a host that cannot keep a
 State that must survive between calls (background jobs) lives in files under STATE_DIR.
 
 It also owns the one dangerous primitive, sending a signal: the pid must be a positive number
-above 1, exist, and belong to the ubdsrv server (an empty pid once killed a peer's sshd)."""
+above 1, exist, and belong to the ubdsrv server (an empty pid once killed a peer's sshd).
+
+`agent.py write_acked DIR MANIFEST SIZE COUNT` is the crash-consistency writer a scenario runs in
+the background: one file after another, each written, fsync()ed with its directory, and only then
+listed in MANIFEST (kept off the device under test). Every line of MANIFEST is a file the kernel
+acknowledged as durable; after a power cut each must read back intact."""
 import base64
 import glob
+import hashlib
 import json
 import os
 import re
@@ -21,8 +27,13 @@ import time
 STATE_DIR = "/run/ubd-scenario"
 JOBS_DIR = STATE_DIR + "/jobs"
 OUT_LIMIT = 64 << 10
-SERVER_MARK = "ubdsrv"      # in the cmdline of every server process (python3 -m ubdsrv ...)
-SERVER_LOGS = "/var/log/ubdsrv"
+EILSEQ = 84
+UBD_DIR = "/opt/ubd"        # the pushed ubdsrv package (control commands go through it)
+
+if UBD_DIR not in sys.path:
+    sys.path.insert(0, UBD_DIR)
+# which processes are the server's: the server's own definition (ubdsrv/proc.py)
+from ubdsrv import proc as server_proc  # noqa: E402
 
 
 # --- helpers -------------------------------------------------------------------------------------
@@ -69,24 +80,10 @@ def _kill_group(pgid):
             pass
 
 
-def is_server(cmdline):
-    """A python process running the ubdsrv package: not a shell or `timeout` that merely mentions it."""
-    if not cmdline:
-        return False
-    argv0 = os.path.basename(cmdline.split()[0])
-    return argv0.startswith("python") and SERVER_MARK in cmdline
-
-
 def server_pids():
     """Processes of the ubdsrv server (daemons, queue processes, a `ublk` CLI in progress)."""
-    me = {os.getpid(), os.getppid()}
-    out = []
-    for d in glob.glob("/proc/[0-9]*"):
-        pid = int(d.rsplit("/", 1)[1])
-        cmd = _cmdline(pid)
-        if pid not in me and is_server(cmd) and _proc_state(pid) not in (None, "Z"):
-            out.append({"pid": pid, "cmdline": cmd})
-    return sorted(out, key=lambda p: p["pid"])
+    pids = server_proc.server_pids(exclude={os.getpid(), os.getppid()})
+    return [{"pid": pid, "cmdline": _cmdline(pid) or ""} for pid in pids]
 
 
 # --- `ublk list` ---------------------------------------------------------------------------------
@@ -128,10 +125,12 @@ def fio_summary(path):
     except ValueError:
         return {"parsed": False, "errors": None}
     s = {"parsed": True, "errors": 0, "read_iops": 0.0, "write_iops": 0.0,
-         "read_bw_kib": 0.0, "write_bw_kib": 0.0, "error_text": ""}
+         "read_bw_kib": 0.0, "write_bw_kib": 0.0, "error_text": "", "verify_failed": False}
     for job in data.get("jobs", []):
         if job.get("error"):
             s["errors"] += 1
+            # fio ends a job whose data did not verify with EILSEQ; an IO error is EIO & co.
+            s["verify_failed"] = s["verify_failed"] or job["error"] == EILSEQ
             s["error_text"] = s["error_text"] or f"job {job.get('jobname')}: error {job['error']}"
         for d in ("read", "write"):
             part = job.get(d, {})
@@ -286,7 +285,7 @@ def op_signal(req):
     cmd = _cmdline(pid)
     if cmd is None or _proc_state(pid) in (None, "Z"):
         return {"sent": False, "error": f"refused: no process {pid}"}
-    if not is_server(cmd):
+    if not server_proc.is_server_argv(server_proc.cmdline(pid) or []):
         return {"sent": False, "error": f"refused: pid {pid} is not a ubdsrv process ({cmd!r})"}
     tgid = int(re.search(r"^Tgid:\s*(\d+)", _read(f"/proc/{pid}/status"), re.M).group(1))
     if tgid != pid:
@@ -367,6 +366,81 @@ def op_kill_servers(req):
     return {"killed": done}
 
 
+def op_read_text(req):
+    """A small text file (a manifest), or missing=True."""
+    text = _read(req["path"], None)
+    return {"missing": True} if text is None else {"missing": False, "text": _tail(text, 4 << 20)}
+
+
+def op_verify_acked(req):
+    """Checks every acknowledged file ("name sha256 size" lines) under dir: present, whole, same
+    sha256. Returns the counts and the first problems."""
+    problems, ok = [], 0
+    for line in req["manifest"].splitlines():
+        name, digest, size = line.split()
+        path = os.path.join(req["dir"], name)
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            problems.append(f"{name}: {e.strerror}")
+            continue
+        if len(data) != int(size):
+            problems.append(f"{name}: {len(data)} bytes, {size} were acknowledged")
+        elif hashlib.sha256(data).hexdigest() != digest:
+            problems.append(f"{name}: content differs from what was acknowledged")
+        else:
+            ok += 1
+    return {"ok": ok, "bad": len(problems), "problems": problems[:20]}
+
+
+def write_acked(directory, manifest, size, count):
+    """The writer behind `write_acked` (see the module doc); runs until killed or count files."""
+    os.makedirs(directory, exist_ok=True)
+    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    with open(manifest, "a") as out:
+        i = 0
+        while count == 0 or i < count:
+            i += 1
+            name = f"f{i:06d}"
+            data = os.urandom(size)
+            fd = os.open(os.path.join(directory, name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.fsync(dfd)   # the directory entry too: the file must be findable after the cut
+            out.write(f"{name} {hashlib.sha256(data).hexdigest()} {size}\n")
+            out.flush()
+    os.close(dfd)
+
+
+def op_ublk_ctrl(req):
+    """A control command the `ublk` CLI does not offer (UPDATE_SIZE, QUIESCE_DEV), through the pushed
+    ubdsrv package. Always reports the kernel's features and the device's flags, so a caller can
+    tell "the kernel lacks it" from "the command failed"."""
+    from ubdsrv import uapi
+    from ubdsrv.ctrl import Ctrl, UblkError
+    res = {}
+    with Ctrl() as c:
+        f = c.get_features()
+        res["features"] = f
+        res["feature_names"] = uapi.flag_names(f) if f is not None else []
+        try:
+            res["dev_flags"] = uapi.flag_names(c.get_dev_info(req["dev"]).flags)
+        except UblkError as e:
+            res["dev_flags"], res["dev_error"] = [], str(e)
+        if req.get("cmd"):
+            try:
+                res["result"] = c.command(req["cmd"], req["dev"], data0=int(req.get("data0", 0)))
+            except UblkError as e:
+                res["error"], res["errno"] = str(e), e.errno
+    return res
+
+
 OPS = {name[3:]: fn for name, fn in globals().items() if name.startswith("op_")}
 
 
@@ -385,8 +459,12 @@ def main(argv):
     if argv[1:2] == ["call"]:
         print(json.dumps(handle(json.loads(base64.b64decode(argv[2])))), flush=True)
         return 0
+    if argv[1:2] == ["write_acked"] and len(argv) == 6:
+        write_acked(argv[2], argv[3], int(argv[4]), int(argv[5]))
+        return 0
     if argv[1:2] != ["serve"]:
-        print("usage: agent.py serve | call BASE64-JSON", file=sys.stderr)
+        print("usage: agent.py serve | call BASE64-JSON | write_acked DIR MANIFEST SIZE COUNT",
+              file=sys.stderr)
         return 2
     print(json.dumps({"ready": True, "pid": os.getpid()}), flush=True)
     for line in sys.stdin:

@@ -2,12 +2,9 @@
 import argparse
 import sys
 import time
-from datetime import datetime
-from pathlib import Path
 
-from .. import flavours, kernel_tree
+from .. import options
 from ..errors import BenchError
-from ..paths import results_dir
 from . import catalog, loader, report
 from .errors import SETUP
 from .progress import Progress
@@ -43,12 +40,10 @@ def list_scenarios() -> int:
 
 
 def run_cases(cases, a) -> int:
-    run_dir = Path(a.results) if a.results else \
-        results_dir() / datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_dir = options.run_dir(a, "")
     run_dir.mkdir(parents=True, exist_ok=True)
     progress = Progress()
-    opts = RunOptions(flavour=a.flavour, accel=a.accel, cpus=a.cpus, memory=a.memory, keep=a.keep,
-                      kernel_tree=a.kernel_tree, kernel_debug=a.debug_kernel)
+    opts = RunOptions(guest=options.values(a), keep=a.keep)
     runner = Runner(opts, run_dir, progress)
     planned = [(c, r if a.repeat > 1 else None) for c in cases for r in range(1, a.repeat + 1)]
     results, t0 = [], time.monotonic()
@@ -70,7 +65,7 @@ def run_cases(cases, a) -> int:
 
 def _finish(runner, results, run_dir, a, t0, interrupted=False) -> int:
     runner.close()
-    meta = {"flavour": a.flavour, "kernel_tree": str(a.kernel_tree or ""), "debug_kernel": a.debug_kernel,
+    meta = {"flavour": a.flavour, "kernel_tree": str(a.kernel_tree or ""), "debug_kernel": a.kernel_debug,
             "accel": runner.pool.accel_used or a.accel, "argv": sys.argv[1:],
             "wall_seconds": round(time.monotonic() - t0, 1), "interrupted": interrupted}
     report.write_json(run_dir, results, meta)
@@ -81,30 +76,33 @@ def _finish(runner, results, run_dir, a, t0, interrupted=False) -> int:
     return 130 if interrupted else report.exit_status(results)
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m vm.scenario",
                                 description="Run fault scenarios against ublk_drv in a guest.")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     def common(sp):
-        sp.add_argument("--flavour", default=flavours.DEFAULT, help="kernel flavour (kernel/flavours.toml)")
-        sp.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto")
-        sp.add_argument("--cpus", type=int, default=2)
-        sp.add_argument("--memory", default="2G")
-        kernel_tree.add_arguments(sp)
+        options.add_arguments(sp)   # --results DIR: the run folder (default results/<time>/)
         sp.add_argument("--repeat", type=int, default=1, metavar="N", help="run every case N times")
         sp.add_argument("--keep", action="store_true",
                         help="after a failure keep the guest up and print the ssh command")
-        sp.add_argument("--results", metavar="DIR", help="results folder (default results/<time>/)")
     run = sub.add_parser("run", help="run the named scenarios; without a name, list them")
     run.add_argument("names", nargs="*", metavar="NAME",
                      help="kill_daemon, scenario/kill_daemon, scenarios/kill_daemon.toml, "
                           "a path to a .toml file; NAME[param=value] picks one variant")
     common(run)
-    common(sub.add_parser("run-all", help="run every shipped scenario"))
+    run_all = sub.add_parser("run-all", help="run every shipped scenario (the nightly ones with "
+                                             "--nightly)")
+    common(run_all)
+    run_all.add_argument("--nightly", action="store_true",
+                         help="also the long scenarios (nightly = true in their file)")
     check = sub.add_parser("check", help="validate scenario files without running them")
     check.add_argument("names", nargs="*", metavar="NAME")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    a = parser().parse_args(argv)
     try:
         if a.cmd == "check":
             names = a.names or [str(x) for x in catalog.shipped()]
@@ -119,6 +117,12 @@ def main(argv=None) -> int:
             raise BenchError("--repeat must be at least 1")
         names = a.names if a.cmd == "run" else [str(x) for x in catalog.shipped()]
         cases = load_cases(names)
+        if a.cmd == "run-all" and not a.nightly:
+            skipped = sorted({c.scenario for c in cases if c.nightly})
+            cases = [c for c in cases if not c.nightly]
+            if skipped:
+                _err(f"run-all: leaving out the nightly scenarios ({', '.join(skipped)}); "
+                     "--nightly runs them too")
         return run_cases(cases, a)
     except BenchError as e:
         _err(f"error: {e}")

@@ -3,13 +3,14 @@ from ..errors import BenchError
 
 # Verdict kinds, as they appear in result.json, junit.xml and the summary table.
 PASSED = "passed"
+SKIPPED = "skipped"           # the test itself says it does not apply (a kselftest's exit 4)
 EXPECTATION = "expectation failed"
 TIMEOUT = "timeout"
 SPLAT = "kernel splat"
 PANIC = "kernel panic"
 GUEST_LOST = "guest lost"
 SETUP = "setup error"
-KINDS = (PASSED, EXPECTATION, TIMEOUT, SPLAT, PANIC, GUEST_LOST, SETUP)
+KINDS = (PASSED, SKIPPED, EXPECTATION, TIMEOUT, SPLAT, PANIC, GUEST_LOST, SETUP)
 
 
 class ScenarioError(BenchError):

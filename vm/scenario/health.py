@@ -3,25 +3,10 @@
 dmesg since the case began must hold no splat, the taint mask must not have grown, no ublk device
 node or server process may be left, and ublk_drv must unload. Then (always, pass or fail) the guest
 is cleaned up so that the next case on it starts from nothing; if that fails, it is not reused."""
-import re
 from dataclasses import dataclass, field
 
+from ..device import find_splats
 from .errors import EXPECTATION, SPLAT
-
-# One pattern per kind of kernel complaint; matched against dmesg lines of the case only.
-SPLATS = {
-    "BUG": re.compile(r"\bBUG:|kernel BUG at"),
-    "WARNING": re.compile(r"\bWARNING:|------------\[ cut here \]"),
-    "Oops": re.compile(r"\bOops\b|general protection fault"),
-    "hung task": re.compile(r"blocked for more than \d+ seconds"),
-    "soft lockup": re.compile(r"soft lockup|hard LOCKUP"),
-    "RCU stall": re.compile(r"rcu.*(detected stalls|self-detected stall)|RCU stall"),
-    "KASAN": re.compile(r"KASAN"),
-    "UBSAN": re.compile(r"UBSAN"),
-    "refcount": re.compile(r"refcount_t:"),
-    "list corruption": re.compile(r"list_(add|del) corruption|list corruption"),
-    "lockdep": re.compile(r"possible circular locking dependency|inconsistent lock state"),
-}
 
 # /proc/sys/kernel/tainted bits, as Documentation/admin-guide/tainted-kernels.rst names them.
 TAINT = {0: "P proprietary module", 1: "F forced module load", 2: "S unsafe SMP",
@@ -39,22 +24,6 @@ class Health:
     splat_lines: list = field(default_factory=list)
     new_taint: int = 0
     clean_after: bool = True                       # the guest ended up clean: reusable
-
-    @property
-    def worst(self):
-        kinds = [k for k, _ in self.problems]
-        return SPLAT if SPLAT in kinds else (EXPECTATION if kinds else None)
-
-
-def find_splats(lines) -> list:
-    """(kind, line) for every dmesg line that looks like a kernel complaint."""
-    hits = []
-    for line in lines:
-        for kind, rx in SPLATS.items():
-            if rx.search(line):
-                hits.append((kind, line.strip()))
-                break
-    return hits
 
 
 def decode_taint(mask: int) -> str:

@@ -10,6 +10,8 @@ import re
 import tomllib
 from pathlib import Path
 
+from .. import device
+from ..guest import DATA_DIR
 from . import schema
 from .errors import ScenarioError
 from .model import WORK_DIR, Case, Device, Step
@@ -127,7 +129,7 @@ class _Loader:
         jobs = {s.args["job"]: s for s in steps if s.kind == "fio"}
         return Case(scenario=self.path.stem, path=self.path, description=top["description"],
                     variant=variant, devices=devices, steps=tuple(steps), loops=top["loops"],
-                    timeout=top["timeout"], jobs=jobs)
+                    timeout=top["timeout"], jobs=jobs, nightly=top["nightly"])
 
     # --- devices ---------------------------------------------------------------------------------
     def devices(self, raw) -> dict:
@@ -138,9 +140,8 @@ class _Loader:
             key = f"devices.{name}"
             if not re.fullmatch(schema.NAME, name):
                 self.fail(key, "expected a device name: a letter, then letters, digits, _ or -")
-            v = self.table(t, schema.DEVICE, key, "a device")
-            self.device_rules(key, t, v)
-            if v["id"] is not None:
+            v = self.device(t, key)
+            if v.get("id") is not None:
                 if v["id"] in taken:
                     self.fail(f"{key}.id", f"device number {v['id']} is used twice")
                 taken.add(v["id"])
@@ -148,37 +149,39 @@ class _Loader:
         next_id = 0
         devices = {}
         for name, v in out.items():
-            if v["target"] != "kernel_loop" and v["id"] is None:
+            target = device.TARGETS[v["target"]]
+            if target.ublk and v["id"] is None:
                 while next_id in taken:
                     next_id += 1
                 v["id"] = next_id
                 taken.add(next_id)
-            if v["target"] == "loop" and v["file"] is None:
+            if target.file_backed(v) and v["file"] is None:
                 v["file"] = f"{WORK_DIR}/{name}.img"
-            devices[name] = Device(name=name, **v)
+            opts = {k: v.pop(k) for k in target.options}
+            devices[name] = Device(name=name, options=opts, **v)
         return devices
 
-    def device_rules(self, key, raw, v):
-        target = v["target"]
-        ublk_only = ("queues", "depth", "recovery", "recovery_reissue", "recovery_fail_io",
-                     "need_get_data", "buffered_io", "id")
-        if target == "kernel_loop":
-            for k in ublk_only:
-                if k in raw:
-                    self.fail(f"{key}.{k}", "not a kernel_loop setting (the kernel loop driver is "
-                                            "set up by losetup --direct-io=on)")
-            if v["file"] is None:
-                self.fail(f"{key}.file", "missing: a kernel_loop device needs `file`")
-        if target == "null":
-            for k in ("file", "buffered_io"):
-                if k in raw:
-                    self.fail(f"{key}.{k}", "not a null target setting (only loop has a file)")
-        for k in ("recovery_reissue", "recovery_fail_io"):
-            if v[k] and not v["recovery"]:
-                self.fail(f"{key}.{k}", "expected recovery = 1 as well (it modifies recovery)")
-        if v["recovery_reissue"] and v["recovery_fail_io"]:
-            self.fail(f"{key}.recovery_fail_io", "expected at most one of recovery_reissue and "
-                                                 "recovery_fail_io")
+    def device(self, t, key) -> dict:
+        """One device table, checked against the settings its target takes (vm/device.py)."""
+        if not isinstance(t, dict):
+            self.fail(key, "expected a table (a device)")
+        if "target" not in t:
+            self.fail(f"{key}.target", "missing: a device needs `target` (one of: "
+                                       + ", ".join(device.TARGETS) + ")")
+        target = self.table({"target": t["target"]}, {"target": schema.DEVICE["target"]}, key,
+                            "a device")["target"]
+        fields = schema.device_fields(target)
+        for k in t:
+            if k not in fields and k in schema.DEVICE:
+                self.fail(f"{key}.{k}", f"not a {target} setting ({target} takes: "
+                                        f"{', '.join(fields)})")
+        v = self.table(t, fields, key, f"a {target} device")
+        for k, message in device.rules(v, given=t):
+            self.fail(f"{key}.{k}", message)
+        if target == "kernel_loop" and v["file"] is None:
+            # the kernel's loop is set up on a file the scenario names, to compare with a ublk one
+            self.fail(f"{key}.file", "missing: a kernel_loop device needs `file`")
+        return v
 
     # --- steps -----------------------------------------------------------------------------------
     def steps(self, raw, devices: dict) -> list:
@@ -221,16 +224,23 @@ class _Loader:
         return schema.default_timeout(step.kind, step.args)
 
 
+# steps that act on the ublk driver or server, not on a kernel loop device
+UBLK_ONLY_STEPS = ("kill", "stop", "cont", "terminate", "recover", "update_size", "quiesce")
+
+
 class _Walk:
     """Follows the step list as the engine will, to reject lists that cannot work."""
 
     def __init__(self, loader, devices):
-        self.l = loader
+        self.loader = loader
         self.devices = devices
         self.added, self.mounted, self.jobs, self.background = set(), set(), {}, set()
+        # write_acked writers running, and those whose manifest a power_cut/reboot has taken
+        self.writers, self.cut_writers, self.lost_jobs = set(), set(), set()
+        self.deleting = set()   # background deletes not yet waited for (wait_state GONE)
 
     def fail(self, step, field, message):
-        self.l.fail(f"steps[{step.index}].{field}", f'(do = "{step.kind}") {message}')
+        self.loader.fail(f"steps[{step.index}].{field}", f'(do = "{step.kind}") {message}')
 
     def device(self, step, must_be_added=True):
         name = step.args.get("device")
@@ -240,7 +250,9 @@ class _Walk:
             known = ", ".join(self.devices) or "none defined"
             self.fail(step, "device", f"device {name!r} is not defined in [devices] "
                                       f"(defined: {known}){_suggest(name, self.devices)}")
-        if must_be_added and name not in self.added:
+        # the server of a device being deleted in the background can still be signalled
+        being_deleted = name in self.deleting and step.kind in ("kill", "stop", "cont")
+        if must_be_added and name not in self.added and not being_deleted:
             self.fail(step, "device", f"device {name!r} is not added at this point "
                                       f'(add it first with do = "add")')
         return self.devices[name]
@@ -249,17 +261,24 @@ class _Walk:
         for s in steps:
             getattr(self, "step_" + s.kind, self.step_other)(s)
         for name in sorted(self.mounted):
-            self.l.fail("steps", f"device {name!r} is still mounted at the end of the step list "
+            self.loader.fail("steps", f"device {name!r} is still mounted at the end of the step list "
                                  f'(add do = "umount")')
         for name in sorted(self.added):
-            self.l.fail("steps", f"device {name!r} is still present at the end of the step list "
+            self.loader.fail("steps", f"device {name!r} is still present at the end of the step list "
                                  f'(add do = "delete": the health check requires no device left)')
+        for name in sorted(self.deleting):
+            self.loader.fail("steps", f"the background delete of {name!r} is never waited for "
+                                      '(add do = "wait_state", state = "GONE")')
+        for name in sorted(self.writers):
+            self.loader.fail("steps", f"write_acked on {name!r} runs until a power_cut or reboot, "
+                                      "and none follows it")
 
     def step_other(self, s):
         d = self.device(s)
-        if d and s.kind in ("kill", "stop", "recover") and not d.is_ublk:
-            self.fail(s, "device", f"{s.kind} needs a ublk device; {d.name!r} is kernel_loop")
-        if s.kind in ("write_files", "checksum") and d.name not in self.mounted:
+        if d and s.kind in UBLK_ONLY_STEPS and not d.is_ublk:
+            self.fail(s, "device", f"{s.kind} needs a ublk device; {d.name!r} is {d.target}")
+        if s.kind in ("write_files", "checksum", "write_acked", "verify_acked") and \
+                d.name not in self.mounted:
             self.fail(s, "device", f'device {d.name!r} is not mounted here (do = "mount" first)')
         if s.kind in ("mkfs", "fsck") and d.name in self.mounted:
             self.fail(s, "device", f"device {d.name!r} is mounted; unmount it first")
@@ -268,12 +287,24 @@ class _Walk:
         d = self.device(s, must_be_added=False)
         if d.name in self.added:
             self.fail(s, "device", f"device {d.name!r} is already added")
+        if d.name in self.deleting:
+            self.fail(s, "device", f"device {d.name!r} is still being deleted in the background "
+                                   '(wait_state GONE first)')
+        if s.args["expect"] == "fails":
+            if not d.is_ublk:
+                self.fail(s, "expect", f'expect = "fails" needs a ublk device; {d.name!r} is {d.target}')
+            return          # a failed add leaves no device
         self.added.add(d.name)
 
     def step_delete(self, s):
         d = self.device(s)
         if d.name in self.mounted:
             self.fail(s, "device", f"device {d.name!r} is still mounted; umount before delete")
+        if s.args["background"]:
+            if not d.is_ublk:
+                self.fail(s, "background", f"a background delete needs a ublk device; {d.name!r} "
+                                           f"is {d.target}")
+            self.deleting.add(d.name)
         self.added.discard(d.name)
 
     def step_kill(self, s):
@@ -284,10 +315,47 @@ class _Walk:
             self.fail(s, "queue", f"expected a queue index below {d.queues} "
                                   f"(device {d.name!r} has {d.queues} queues), got {q}")
 
+    step_stop = step_cont = step_kill
+
+    def step_module_reload(self, s):
+        ublk = sorted(n for n in self.added if self.devices[n].is_ublk)
+        if ublk:
+            self.fail(s, "do", f"ublk_drv cannot unload while a ublk device exists (added: "
+                               f"{', '.join(ublk)}); delete them first")
+
+    def step_write_acked(self, s):
+        self.step_other(s)
+        d = self.devices[s.args["device"]]
+        if not d.file:
+            self.fail(s, "device", f"device {d.name!r} ({d.target}) keeps no data to check")
+        if not d.file.startswith(DATA_DIR + "/"):
+            self.fail(s, "device", f"the backing file of {d.name!r} ({d.file}) must be on the data "
+                                   f'disk, which survives a power cut: file = "{DATA_DIR}/..."')
+        if d.name in self.writers:
+            self.fail(s, "device", f"write_acked already runs on {d.name!r}")
+        self.writers.add(d.name)
+
+    def step_verify_acked(self, s):
+        self.step_other(s)
+        if s.args["device"] not in self.cut_writers:
+            self.fail(s, "device", f"no write_acked on {s.args['device']!r} before a power_cut or "
+                                   "reboot precedes this step")
+
+    def step_power_cut(self, s):
+        """What lived in the old boot is gone: devices, mounts, background jobs, writers."""
+        self.cut_writers |= self.writers
+        self.lost_jobs |= self.background
+        for state in (self.writers, self.added, self.mounted, self.background, self.deleting):
+            state.clear()
+
+    step_reboot = step_power_cut
+
     def step_wait_state(self, s):
         d = self.device(s, must_be_added=s.args["state"] != "GONE")
         if not d.is_ublk:
-            self.fail(s, "device", f"wait_state needs a ublk device; {d.name!r} is kernel_loop")
+            self.fail(s, "device", f"wait_state needs a ublk device; {d.name!r} is {d.target}")
+        if s.args["state"] == "GONE":
+            self.deleting.discard(d.name)
 
     def step_mount(self, s):
         d = self.device(s)
@@ -299,6 +367,8 @@ class _Walk:
         d = self.device(s)
         if d.name not in self.mounted:
             self.fail(s, "device", f"device {d.name!r} is not mounted")
+        if d.name in self.writers:
+            self.fail(s, "device", f"write_acked writes on {d.name!r} until the power_cut or reboot")
         self.mounted.discard(d.name)
 
     def step_fio(self, s):
@@ -323,6 +393,8 @@ class _Walk:
         job = s.args["job"]
         if job not in self.jobs:
             self.fail(s, "job", f"no fio step before this one has job = {job!r}")
+        if job in self.lost_jobs:
+            self.fail(s, "job", f"fio job {job!r} ended with its boot (power_cut or reboot)")
         if job not in self.background:
             self.fail(s, "job", f"fio job {job!r} is not a background job (background = true)"
                                 if not self.jobs[job].args["background"] else

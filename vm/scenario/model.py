@@ -1,30 +1,17 @@
 """A scenario after loading: validated, variants expanded, defaults filled in. Plain data."""
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+
+from .. import device
 
 WORK_DIR = "/var/tmp/ubd-scenario"   # guest: backing files, fio output, manifests
 MOUNT_DIR = "/mnt"
 
 
-@dataclass(frozen=True)
-class Device:
+@dataclass(frozen=True, kw_only=True)
+class Device(device.Device):
+    """A device of a scenario: the vocabulary's device (vm/device.py) under its scenario name."""
     name: str
-    target: str            # null | loop | kernel_loop
-    queues: int
-    depth: int
-    size: int              # bytes
-    file: Optional[str]    # backing file (loop, kernel_loop)
-    recovery: bool
-    recovery_reissue: bool
-    recovery_fail_io: bool
-    need_get_data: bool
-    buffered_io: bool
-    id: Optional[int]      # ublk device number; None for kernel_loop
-
-    @property
-    def is_ublk(self):
-        return self.target != "kernel_loop"
 
     @property
     def mountpoint(self):
@@ -76,6 +63,7 @@ class Case:
     loops: int
     timeout: float
     jobs: dict = field(default_factory=dict)   # fio job name -> its fio Step
+    nightly: bool = False  # long: left out of run-all and of the default pytest run
 
     @property
     def variant_id(self) -> str:

@@ -3,14 +3,14 @@ import json
 import xml.etree.ElementTree as ET
 from datetime import datetime, timezone
 
-from .errors import GUEST_LOST, KINDS, PANIC, SETUP
+from .errors import GUEST_LOST, KINDS, PANIC, SETUP, SKIPPED
 
 
 def exit_status(results) -> int:
     """0 all passed, 1 some failed, 2 a setup error stopped the run."""
     if any(r.kind == SETUP for r in results):
         return 2
-    return 0 if all(r.passed for r in results) else 1
+    return 1 if any(r.failed for r in results) else 0
 
 
 def write_json(run_dir, results, meta: dict):
@@ -56,14 +56,17 @@ def console_excerpt(tail: str, n=14) -> list:
 
 
 def write_junit(run_dir, results, suite="ubd-scenarios"):
-    failures = sum(not r.passed and r.kind != SETUP for r in results)
+    failures = sum(r.failed and r.kind != SETUP for r in results)
     errors = sum(r.kind == SETUP for r in results)
     ts = ET.Element("testsuite", name=suite, tests=str(len(results)), failures=str(failures),
-                    errors=str(errors), time=f"{sum(r.duration for r in results):.1f}")
+                    errors=str(errors), skipped=str(sum(r.kind == SKIPPED for r in results)),
+                    time=f"{sum(r.duration for r in results):.1f}")
     for r in results:
         tc = ET.SubElement(ts, "testcase", classname=f"scenarios.{r.scenario}", name=r.id,
                            time=f"{r.duration:.1f}")
-        if not r.passed:
+        if r.kind == SKIPPED:
+            ET.SubElement(tc, "skipped", message=r.message[:500])
+        elif r.failed:
             tag = "error" if r.kind == SETUP else "failure"
             el = ET.SubElement(tc, tag, message=f"{r.kind}: {r.message}"[:500], type=r.kind)
             el.text = failure_text(r)
@@ -90,15 +93,16 @@ def summary(results, run_dir) -> str:
     rows = [f"{'case':<{width}}  {'verdict':<18}  {'time':>7}",
             f"{'-' * width}  {'-' * 18}  {'-' * 7}"]
     for r in results:
-        verdict = "PASS" if r.passed else r.kind.upper()
+        verdict = "PASS" if r.passed else "SKIP" if r.kind == SKIPPED else r.kind.upper()
         rows.append(f"{r.id:<{width}}  {verdict:<18}  {r.duration:6.1f}s")
     for r in results:
         for c in r.comparisons:
             rows.append(f"\n{r.id}: {c['a']} {c['iops_a']:.0f} IOPS vs {c['b']} "
                         f"{c['iops_b']:.0f} IOPS (ratio {c['ratio']:.2f}, loop {c['loop']})")
-    failed = [r for r in results if not r.passed]
+    failed = [r for r in results if r.failed]
     for r in failed:
         rows.append("\n" + failure_text(r, run_dir))
-    passed = len(results) - len(failed)
-    rows.append(f"\n{passed} passed, {len(failed)} failed; results in {run_dir}")
+    passed, skipped = sum(r.passed for r in results), sum(r.kind == SKIPPED for r in results)
+    rows.append(f"\n{passed} passed, " + (f"{skipped} skipped, " if skipped else "") +
+                f"{len(failed)} failed; results in {run_dir}")
     return "\n".join(rows)

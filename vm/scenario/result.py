@@ -1,7 +1,7 @@
 """The verdict on one case, with everything the report needs."""
 from dataclasses import asdict, dataclass, field
 
-from .errors import PASSED
+from .errors import PASSED, SKIPPED
 
 
 @dataclass
@@ -28,6 +28,11 @@ class CaseResult:
     @property
     def passed(self):
         return self.kind == PASSED
+
+    @property
+    def failed(self):
+        """Neither passed nor skipped: what fails a run."""
+        return self.kind not in (PASSED, SKIPPED)
 
     def to_json(self):
         return asdict(self)

@@ -6,39 +6,39 @@ import shutil
 import tarfile
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..console import console_tail
+from ..device import find_splats
 from ..errors import BenchError, GuestLost, KernelPanic, SetupError
-from ..guest import Guest, GuestOptions
+from ..guest import DATA_DIR, Guest, GuestOptions
 from . import health, steps
 from .errors import EXPECTATION, GUEST_LOST, PANIC, PASSED, SETUP, SPLAT, TIMEOUT, StepFailure
 from .model import WORK_DIR, Case
 from .progress import Progress
 from .result import CaseResult
-from .session import Agent, AgentStuck
+from .session import AgentClient, AgentStuck
 
 # When a case has several problems, the verdict names the most serious.
 SEVERITY = (PANIC, GUEST_LOST, SPLAT, TIMEOUT, EXPECTATION, SETUP)
-BEGIN = (f"rm -rf {WORK_DIR} && mkdir -p {WORK_DIR}/fio && rm -f /var/log/ubdsrv/*; "
-         "modprobe ublk_drv && echo 1 > /proc/sys/kernel/sysrq && "
+# Every boot of a case (a power_cut or reboot step boots again) runs SETUP; the first also RESET.
+RESET = f"rm -rf {WORK_DIR} && rm -f /var/log/ubdsrv/* && "
+SETUP = (f"mkdir -p {WORK_DIR}/fio && modprobe ublk_drv && echo 1 > /proc/sys/kernel/sysrq && "
          # a hung ublk request shows up in dmesg as a hung task well before a case deadline
          "{ sysctl -qw kernel.hung_task_timeout_secs=60 2>/dev/null; true; }")
+# steps that boot the guest again: their cases need the data disk, and a fresh guest afterwards
+MACHINE_STEPS = ("power_cut", "reboot")
 EVIDENCE = (f"cd {WORK_DIR} && {{ tail -v -n +1 /var/log/ubdsrv/*.log > server.log 2>/dev/null || "
             "echo '(no server log)' > server.log; }; tar czf /var/tmp/ubd-evidence.tgz server.log fio")
 
 
 @dataclass
 class RunOptions:
-    flavour: str = "cloud"
-    accel: str = "auto"
-    cpus: int = 2
-    memory: str = "2G"
+    guest: dict = field(default_factory=dict)   # GuestOptions fields from the front end (vm/options.py)
     keep: bool = False        # on failure keep the guest up and print how to log in
-    kernel_tree: Path = None  # boot a kernel built from this tree (vm/kernel_tree.py)
-    kernel_debug: bool = False
     boot_deadline: float = 120.0
+    server_dir: Path = None   # push this ubdsrv tree instead of the repo's (tests of broken servers)
 
 
 class GuestPool:
@@ -51,22 +51,22 @@ class GuestPool:
         self.last_dir = None
         self.accel_used = None
 
-    def acquire(self):
-        """(guest, agent, fresh). Boot problems propagate (KernelPanic, BootTimeout, SetupError)."""
-        if self.guest is not None and self.guest.is_alive():
+    def acquire(self, data_disk=False):
+        """(guest, agent, fresh). Boot problems propagate (KernelPanic, BootTimeout, SetupError).
+        data_disk: the case needs the guest's data disk (vm/guest.py DATA_DIR)."""
+        if self.guest is not None and self.guest.is_alive() and \
+                (self.guest.opts.data_disk or not data_disk):
             return self.guest, self.agent, False
         self.discard()
         self.booted += 1
         name = f"guest-{self.booted}"
         o = self.opts
         self.last_dir = self.run_dir / "guests" / name
-        g = Guest(GuestOptions(flavour=o.flavour, accel=o.accel, cpus=o.cpus, memory=o.memory,
-                               run_dir=self.last_dir, kernel_tree=o.kernel_tree,
-                               kernel_debug=o.kernel_debug,
-                               boot_deadline=o.boot_deadline, log=self.note))
+        g = Guest(GuestOptions(**o.guest, run_dir=self.last_dir, data_disk=data_disk,
+                               server_dir=o.server_dir, boot_deadline=o.boot_deadline, log=self.note))
         try:
             g.start()
-            agent = Agent(g)
+            agent = AgentClient(g)
             agent.start()
         except BaseException:
             g.stop()
@@ -123,7 +123,7 @@ class Runner:
         """Runs the case into res; True when the failed guest is to be kept up (--keep)."""
         self.progress.phase("getting a guest")
         try:
-            guest, agent, fresh = self.pool.acquire()
+            guest, agent, fresh = self.pool.acquire(data_disk=needs_data_disk(case))
         except BenchError as e:
             kind = PANIC if isinstance(e, KernelPanic) else SETUP
             self._verdict(res, kind, f"could not start a guest: {e}",
@@ -135,15 +135,10 @@ class Runner:
         res.guest = f"{guest.name} ({'fresh' if fresh else 'reused'})"
         console_from = _size(guest.console_log)
         failure, usable = None, True
-        mark, taint0 = -1, 0
+        ctx = steps.Context(case=case, agent=agent, new_boot=self._new_boot)
+        res.fio, res.comparisons = ctx.fio, ctx.comparisons   # kept even if a step fails
         try:
-            begin = agent.call("run", timeout=60, cmd=BEGIN)
-            if begin.get("status") != 0:
-                raise SetupError(f"preparing the guest failed: {begin.get('stderr', '').strip()}")
-            mark = agent.call("kmsg_mark", timeout=30)["seq"]
-            taint0 = agent.call("snapshot", timeout=30)["tainted"]
-            ctx = steps.Context(case=case, agent=agent)
-            res.fio, res.comparisons = ctx.fio, ctx.comparisons   # kept even if a step fails
+            self._begin(ctx, RESET + SETUP)
             self._steps(case, ctx, res)
         except StepFailure as f:
             failure = f
@@ -167,11 +162,14 @@ class Runner:
         if failure is not None:
             res.kind, res.message = failure.kind, failure.message
             res.expected, res.seen, res.evidence = failure.expected, failure.seen, failure.evidence
-        reusable = usable and failure is None
+        # a case that booted the guest again leaves a crashed or rebooted root: the next gets a fresh one
+        reusable = usable and failure is None and not ctx.boots
+        self.pool.agent = ctx.agent
+        for name, text in ctx.evidence.items():
+            (case_dir / name).write_text(text)
         if usable:
             try:
-                reusable = self._after(case, res, agent, guest, case_dir, mark, taint0,
-                                       failure) and reusable
+                reusable = self._after(case, res, ctx, guest, case_dir, failure) and reusable
             except (BenchError, AgentStuck, KeyError) as e:
                 if isinstance(e, KernelPanic):
                     self._add_problem(res, PANIC, "kernel panic during the health check")
@@ -191,6 +189,23 @@ class Runner:
         if not reusable or not guest.is_alive():
             self.pool.discard()
         return False
+
+    def _begin(self, ctx, cmd):
+        """Prepares the guest for the case (or a new boot of it): its dmesg and taint from here on."""
+        begin = ctx.agent.call("run", timeout=60, cmd=cmd)
+        if begin.get("status") != 0:
+            raise SetupError(f"preparing the guest failed: {begin.get('stderr', '').strip()}")
+        ctx.kmsg_mark = ctx.agent.call("kmsg_mark", timeout=30)["seq"]
+        ctx.taint0 = ctx.agent.call("snapshot", timeout=30)["tainted"]
+
+    def _new_boot(self, ctx):
+        """Called by power_cut and reboot once the guest is up again: a new agent, set up as at
+        the start of the case (its files on the root from before are kept)."""
+        agent = AgentClient(ctx.guest)
+        agent.start()
+        ctx.agent = self.pool.agent = agent
+        self.progress.note(f"{ctx.guest.name}: booted again ({ctx.boots + 1} boots in this case)")
+        self._begin(ctx, SETUP)
 
     def _steps(self, case, ctx, res):
         deadline = time.monotonic() + case.timeout
@@ -232,13 +247,23 @@ class Runner:
                           "note": note})
 
     # --- after the steps -------------------------------------------------------------------------
-    def _after(self, case, res, agent, guest, case_dir, mark, taint0, failure) -> bool:
+    def _after(self, case, res, ctx, guest, case_dir, failure) -> bool:
         """Health check and evidence; returns whether the guest is fit for the next case."""
         self.progress.phase("health check")
+        agent = ctx.agent
         if failure is not None and failure.kind == TIMEOUT:
             agent.call("run", timeout=20, cmd="echo w > /proc/sysrq-trigger")  # blocked tasks
-        h = health.check(agent, mark, taint0, steps_passed=failure is None)
-        (case_dir / "dmesg.txt").write_text("\n".join(h.dmesg) + "\n")
+        h = health.check(agent, ctx.kmsg_mark, ctx.taint0, steps_passed=failure is None)
+        dmesg = ctx.earlier_dmesg + ([f"--- boot {ctx.boots + 1} of the case ---"] if ctx.boots
+                                     else []) + h.dmesg
+        (case_dir / "dmesg.txt").write_text("\n".join(dmesg) + "\n")
+        # splats of the boots before a power cut or reboot count as much as this boot's
+        earlier = find_splats(ctx.earlier_dmesg)
+        if earlier:
+            kinds = ", ".join(sorted({k for k, _ in earlier}))
+            h.problems.append((SPLAT, f"kernel splat in dmesg before the cut ({kinds}): "
+                                      f"{earlier[0][1]}"))
+            h.splat_lines = [line for _, line in earlier] + h.splat_lines
         for kind, message in h.problems:
             self._add_problem(res, kind, message)
         if h.splat_lines:
@@ -313,3 +338,9 @@ def _read_from(path, offset) -> bytes:
             return f.read()
     except OSError:
         return b""
+
+
+def needs_data_disk(case) -> bool:
+    """A case that boots the guest again, or keeps a backing file on the data disk."""
+    return any(st.kind in MACHINE_STEPS for st in case.steps) or \
+        any((d.file or "").startswith(DATA_DIR + "/") for d in case.devices.values())

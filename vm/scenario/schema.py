@@ -7,7 +7,7 @@ import signal as _signal
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-MISSING = object()
+from .. import device
 
 
 class Invalid(Exception):
@@ -30,10 +30,10 @@ def integer(lo, hi):
     return check
 
 
-def number(lo, hi):
+def number(lo, hi, what="a number of seconds"):
     def check(v):
         if not (_is_int(v) or isinstance(v, float)):
-            raise Invalid(f"a number of seconds from {lo} to {hi}")
+            raise Invalid(f"{what} from {lo} to {hi}")
         if not lo <= v <= hi:
             raise Invalid(f"a number from {lo} to {hi}, got {v}")
         return float(v)
@@ -138,25 +138,29 @@ TOP = {
                          doc="shown by `run` with no name and in reports"),
     "timeout": Field(number(1, 7200), 600.0, doc="seconds for the whole case (all loops)"),
     "loops": Field(integer(1, 1000), 1, doc="run the step list this many times in one case"),
+    "nightly": Field(flag, False, doc="long: only `just nightly` (pytest -m nightly) and "
+                                      "`run-all --nightly` run it; `run NAME` always does"),
     "matrix": Field(None, doc="parameter -> list of values; one case per combination"),
     "devices": Field(None, doc="name -> device table"),
     "steps": Field(None, required=True, doc="array of step tables, each with `do`"),
 }
 
-DEVICE = {
-    "target": Field(choice("null", "loop", "kernel_loop"), required=True,
-                    doc="ublk null or loop target, or the kernel loop driver (losetup) for comparison"),
-    "queues": Field(integer(1, 64), 1, doc="hardware queues (-q)"),
-    "depth": Field(integer(1, 4096), 128, doc="queue depth (-d)"),
-    "size": Field(size(4096, 64 << 30), 256 << 20, doc="device size; for loop: backing file size"),
-    "file": Field(abs_path, doc="loop/kernel_loop backing file; created (sparse, `size`) if absent"),
-    "recovery": Field(flag, False, doc="UBLK_F_USER_RECOVERY (-r 1)"),
-    "recovery_reissue": Field(flag, False, doc="UBLK_F_USER_RECOVERY_REISSUE (-i 1)"),
-    "recovery_fail_io": Field(flag, False, doc="UBLK_F_USER_RECOVERY_FAIL_IO (-e 1)"),
-    "need_get_data": Field(flag, False, doc="UBLK_F_NEED_GET_DATA (-g 1)"),
-    "buffered_io": Field(flag, False, doc="loop only: no O_DIRECT on the backing file"),
-    "id": Field(integer(0, 1023), None, doc="device number N (/dev/ublkbN); default: assigned"),
-}
+# Device tables come from the device vocabulary (vm/device.py): its settings, as checked fields.
+def _device_field(key: str, s: device.Setting) -> Field:
+    check = {"int": lambda: integer(s.lo, s.hi), "float": lambda: number(s.lo, s.hi, "a number"),
+             "size": lambda: size(s.lo, s.hi), "flag": lambda: flag, "path": lambda: abs_path,
+             "choice": lambda: choice(*s.choices),
+             "text": lambda: text(s.pattern, f"text matching {s.pattern}")}[s.kind]()
+    option = f" ({s.option})" if s.option and key != "target" else ""
+    return Field(check, s.default, required=key == "target", doc=s.doc + option)
+
+
+def device_fields(target: str) -> dict:
+    """The keys a device of this target takes."""
+    return {k: _device_field(k, s) for k, s in device.TARGETS[target].settings().items()}
+
+
+DEVICE = {k: _device_field(k, s) for k, s in device.settings().items()}   # every target's keys
 
 
 @dataclass(frozen=True)
@@ -189,13 +193,19 @@ FIO = {
     "direct": Field(flag, True, doc="O_DIRECT"),
     "background": Field(flag, False, doc="start and go on; `wait` (or the end of the loop) reaps it"),
     "expect": Field(choice("ok", "errors_allowed", "errors"), "ok",
-                    doc="ok: exit 0, no IO errors; errors_allowed: anything but a hang; errors: must fail"),
+                    doc="ok: exit 0, no IO errors; errors_allowed: IO errors but no hang; errors: must "
+                        "fail. Data that fails `verify` fails the step whatever `expect` says"),
 }
 
 STEPS = {
-    "add": StepKind("create the device (ublk add / losetup); returns when LIVE", {"device": _dev()}),
+    "add": StepKind("create the device (ublk add / losetup); returns when LIVE",
+                    {"device": _dev(), "expect": Field(choice("live", "fails"), "live",
+                                                       doc="fails: `ublk add` must fail and leave "
+                                                           "no device behind")}),
     "delete": StepKind("delete the device (ublk del -n N / losetup -d); must return",
-                       {"device": _dev()}),
+                       {"device": _dev(), "background": Field(flag, False,
+                                                              doc="start it and go on; a later "
+                                                                  "wait_state GONE checks it")}),
     "fio": StepKind("run fio; JSON output kept as evidence", FIO, timeout=0.0),
     "wait": StepKind("reap a background fio job and check its `expect`",
                      {"job": Field(text(NAME, "a job name"), required=True, ref="job")},
@@ -204,7 +214,16 @@ STEPS = {
                      {"device": _dev(), "signal": Field(signal_number, 9),
                       "queue": Field(integer(0, 63), None, doc="kill this queue's task instead")},
                      timeout=30.0),
-    "stop": StepKind("graceful stop: SIGTERM to the daemon, which must exit", {"device": _dev()}),
+    "stop": StepKind("SIGSTOP the server (daemon and queue tasks), or one queue's task: IO stalls",
+                     {"device": _dev(), "queue": Field(integer(0, 63), None,
+                                                       doc="stop this queue's task only")},
+                     timeout=30.0),
+    "cont": StepKind("SIGCONT what `stop` stopped (the server, or one queue's task)",
+                     {"device": _dev(), "queue": Field(integer(0, 63), None,
+                                                       doc="continue this queue's task only")},
+                     timeout=30.0),
+    "terminate": StepKind("graceful stop: SIGTERM to the daemon, which must exit and leave the "
+                          "device DEAD (as the server documents)", {"device": _dev()}),
     "recover": StepKind("ublk recover -n N (retried while the kernel answers EBUSY)",
                         {"device": _dev()}),
     "wait_state": StepKind("the device must reach `state` within `within` seconds",
@@ -231,6 +250,25 @@ STEPS = {
                          "min_ratio": Field(number(0, 1000), None,
                                             doc="fail if jobs[0] reaches less than this x jobs[1]")},
                         timeout=10.0, uses_device=False),
+    "module_reload": StepKind("modprobe -r ublk_drv, check it is gone, modprobe ublk_drv, check "
+                              "/dev/ublk-control is back (no ublk device may exist)", {},
+                              uses_device=False),
+    "update_size": StepKind("UBLK_U_CMD_UPDATE_SIZE (Linux 6.14+): the device takes `size`",
+                            {"device": _dev(), "size": Field(size(4096, 64 << 40), required=True)}),
+    "quiesce": StepKind("UBLK_U_CMD_QUIESCE_DEV (Linux 6.15+; the device needs UBLK_F_QUIESCE): "
+                        "QUIESCED within `within` seconds",
+                        {"device": _dev(), "within": Field(number(1, 600), 10.0)}),
+    "write_acked": StepKind("in the background until the next power_cut/reboot: write files on the "
+                            "mounted device, each fsync()ed before it is recorded as acknowledged",
+                            {"device": _dev(), "size": Field(size(512, 16 << 20), 64 << 10,
+                                                             doc="bytes per file")}, timeout=30.0),
+    "verify_acked": StepKind("after the cut: every file acknowledged before it reads back whole",
+                             {"device": _dev()}, timeout=300.0),
+    "power_cut": StepKind("kill QEMU mid-IO (no flush on the way down), boot the same disks again; "
+                          "the next steps run in the new boot", {}, timeout=300.0,
+                          uses_device=False),
+    "reboot": StepKind("clean reboot; the next steps run in the new boot", {}, timeout=300.0,
+                       uses_device=False),
     "shell": StepKind("run a shell command in the guest (escape hatch)",
                       {"run": Field(text(what="a shell command"), required=True),
                        "expect_status": Field(integer(0, 255), 0)}, uses_device=False),

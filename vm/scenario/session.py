@@ -30,7 +30,9 @@ def guest_lost(guest, why: str) -> GuestLost:
     return GuestLost(why, tail)
 
 
-class Agent:
+class AgentClient:
+    """The host's end of the guest's agent.py: starts it, sends requests, reads the answers."""
+
     def __init__(self, guest):
         self.guest = guest
         self.chan = None

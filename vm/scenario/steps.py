@@ -8,6 +8,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 
+from .. import device
 from .errors import EXPECTATION, TIMEOUT, StepFailure
 from .model import WORK_DIR, Case, Device
 
@@ -25,6 +26,21 @@ class Context:
     fio: list = field(default_factory=list)           # summaries of finished fio runs
     comparisons: list = field(default_factory=list)
     daemon_pids: dict = field(default_factory=dict)   # device name -> pid seen at add/recover
+    deletes: dict = field(default_factory=dict)       # device name -> its background `ublk del` job
+    stopped: dict = field(default_factory=dict)       # (device, queue) -> pids `stop` stopped
+    # --- across boots (power_cut, reboot): the runner's hook starts the agent on a new boot ---
+    new_boot: object = None                           # callable(ctx): agent, kmsg mark, taint
+    kmsg_mark: int = -1                               # dmesg of this boot after this seq is the case's
+    taint0: int = 0                                   # taint mask of this boot when the case began
+    boots: int = 0                                    # boots begun by steps (power cuts, reboots)
+    earlier_dmesg: list = field(default_factory=list)  # the case's dmesg of the boots before
+    writers: dict = field(default_factory=dict)       # device name -> guest manifest of write_acked
+    acked: dict = field(default_factory=dict)         # device name -> manifest read before the cut
+    evidence: dict = field(default_factory=dict)      # file name -> text, saved in the case folder
+
+    @property
+    def guest(self):
+        return self.agent.guest
 
     def dev_path(self, d: Device) -> str:
         return self.loop_devices[d.name] if not d.is_ublk else f"/dev/ublkb{d.id}"
@@ -65,31 +81,16 @@ def _create_file(d: Device) -> str:
 
 
 # --- devices -------------------------------------------------------------------------------------
-def add_command(d: Device) -> str:
-    """The peers' CLI, as a user would type it."""
-    args = ["ublk", "add", "-t", d.target, "-n", str(d.id), "-q", str(d.queues), "-d", str(d.depth)]
-    for opt, on in (("-g", d.need_get_data), ("-r", d.recovery), ("-i", d.recovery_reissue),
-                    ("-e", d.recovery_fail_io)):
-        if on:
-            args += [opt, "1"]
-    if d.target == "loop":
-        args += ["-f", d.file]
-        if d.buffered_io:
-            args.append("--buffered_io")
-    else:
-        args += ["-s", str(d.size)]
-    return shlex.join(args)
-
-
 def step_add(ctx, step, timeout):
     d = _ublk(ctx, step)
     prep = _create_file(d) + " && " if d.file else ""
     if not d.is_ublk:
-        r = ctx.check(f"{prep}modprobe loop && losetup --direct-io=on -f --show "
-                      f"{shlex.quote(d.file)}", timeout, f"losetup {d.file}")
+        r = ctx.check(f"{prep}modprobe loop && {device.add_command(d)}", timeout, f"losetup {d.file}")
         ctx.loop_devices[d.name] = r["stdout"].strip().splitlines()[-1]
         return ctx.loop_devices[d.name]
-    ctx.check(prep + add_command(d), timeout, f"ublk add ({d.name})")
+    if step.args["expect"] == "fails":
+        return _add_fails(ctx, d, prep, timeout)
+    ctx.check(prep + device.add_command(d), timeout, f"ublk add ({d.name})")
     info = ctx.agent.call("ublk_info", timeout=30, dev=d.id)
     if info.get("state") != "LIVE":
         raise StepFailure(EXPECTATION, f"device {d.name} is not LIVE after `ublk add`",
@@ -99,8 +100,30 @@ def step_add(ctx, step, timeout):
     return f"/dev/ublkb{d.id} LIVE, daemon pid {info['daemon_pid']}"
 
 
+def _add_fails(ctx, d, prep, timeout):
+    """`ublk add` that must fail (the server dies while it starts): the CLI has to say so and
+    remove what it added; a server process left behind is the health check's to find."""
+    r = ctx.run(prep + device.add_command(d), timeout, f"ublk add ({d.name})")
+    if r["status"] == 0:
+        raise StepFailure(EXPECTATION, f"`ublk add` of {d.name} succeeded",
+                          expected="`ublk add` fails: its server dies while it starts",
+                          seen=_out(r), evidence=["server.log"])
+    w = ctx.agent.call("wait_state", timeout=60, dev=d.id, state="GONE", within=30)
+    if not w.get("reached"):
+        raise StepFailure(EXPECTATION, f"the failed `ublk add` left {d.name} behind",
+                          expected="no device /dev/ublkc{d.id} after the failed add",
+                          seen=f"{w.get('state')} ({w.get('raw', '')[:300]})",
+                          evidence=["server.log", "dmesg.txt"])
+    why = (r["stderr"].strip().splitlines() or ["?"])[-1][:160]
+    return f"failed as expected (exit {r['status']}: {why}); no device left"
+
+
 def step_delete(ctx, step, timeout):
     d = _ublk(ctx, step)
+    if step.args["background"]:
+        ctx.agent.call("spawn", timeout=10, job=f"del-{d.name}", cmd=f"ublk del -n {d.id}", cwd="/")
+        ctx.deletes[d.name] = f"del-{d.name}"
+        return "`ublk del` started in the background"
     if not d.is_ublk:
         ctx.check(f"losetup -d {ctx.loop_devices.pop(d.name)}", timeout, f"losetup -d ({d.name})")
         return "detached"
@@ -129,21 +152,12 @@ def _signal(ctx, d, pid, sig):
 
 def step_kill(ctx, step, timeout):
     d, sig, q = _ublk(ctx, step), step.args["signal"], step.args["queue"]
-    pid = _target_pid(ctx, d, q)
+    # a server stopped by `stop` is signalled by the pids seen then: `ublk list` may block while a
+    # delete of its device waits for it (STOP_DEV holds the device's mutex)
+    stopped = ctx.stopped.get((d.name, q))
+    pid = stopped[0] if stopped else _target_pid(ctx, d, q)
     _signal(ctx, d, pid, sig)
     return f"sent {signal.Signals(sig).name} to pid {pid}"
-
-
-def step_stop(ctx, step, timeout):
-    d = _ublk(ctx, step)
-    pid = _target_pid(ctx, d)
-    _signal(ctx, d, pid, signal.SIGTERM)
-    r = ctx.agent.call("wait_exit", timeout=timeout, pid=pid)
-    if not r.get("exited"):
-        raise StepFailure(TIMEOUT, f"daemon {pid} of {d.name} did not exit after SIGTERM",
-                          expected=f"exit within {timeout:g} s", seen=f"state {r.get('state')}",
-                          evidence=["server.log"])
-    return f"daemon {pid} exited"
 
 
 BUSY = ("EBUSY", "busy", "errno 16", "Errno 16")
@@ -177,7 +191,17 @@ def step_wait_state(ctx, step, timeout):
                           expected=f"state {want} within {within:g} s",
                           seen=f"{r['state']} after {r['elapsed']:.1f} s (states seen: {path})",
                           evidence=["server.log", "dmesg.txt"])
-    return f"{want} after {r['elapsed']:.1f} s"
+    note = f"{want} after {r['elapsed']:.1f} s"
+    if want == "GONE" and d.name in ctx.deletes:   # the background `ublk del` must end, and well
+        job = ctx.deletes.pop(d.name)
+        j = ctx.agent.call("reap", timeout=within + 30, job=job)
+        if j.get("timed_out") or j.get("status") != 0:
+            raise StepFailure(EXPECTATION, f"the background `ublk del -n {d.id}` failed",
+                              expected="exit status 0 once the device is gone",
+                              seen=(j.get("out") or "")[-400:] or f"status {j.get('status')}",
+                              evidence=["server.log"])
+        note += "; the background `ublk del` exited 0"
+    return note
 
 
 # --- IO ------------------------------------------------------------------------------------------
@@ -207,6 +231,9 @@ def fio_command(ctx, step) -> tuple:
     return f"mkdir -p {FIO_DIR} && " + shlex.join(args), out
 
 
+VERIFY_FAILED = ("verify failed", "bad magic header", "verify: bad header")
+
+
 def judge_fio(step, status, summary, output) -> str:
     """Checks a finished fio run against the step's `expect`; returns what was seen."""
     expect = step.args["expect"]
@@ -215,6 +242,11 @@ def judge_fio(step, status, summary, output) -> str:
     seen = f"fio exit {status}" + (f", {summary['error_text']}" if errors else "")
     if status != 0 and output.strip():
         seen += "; " + output.strip().splitlines()[-1][:300]
+    # data that reads back wrong is never an allowed error, whatever `expect` says
+    if (summary or {}).get("verify_failed") or any(m in output for m in VERIFY_FAILED):
+        raise StepFailure(EXPECTATION, f"fio job {step.args['job']}: data did not verify",
+                          expected="every block reads back as written", seen=seen,
+                          evidence=[f"fio/{step.args['job']}-*.json", "dmesg.txt", "server.log"])
     if expect == "ok" and failed:
         raise StepFailure(EXPECTATION, f"fio job {step.args['job']} failed",
                           expected="fio exit 0, no IO errors" +
@@ -370,4 +402,13 @@ def step_shell(ctx, step, timeout):
     return (r["stdout"].strip().splitlines() or [""])[-1][:120]
 
 
-RUN = {name[5:]: fn for name, fn in globals().items() if name.startswith("step_")}
+def collect_steps(namespace) -> dict:
+    """`do` name -> function, for every step_* in a module's namespace."""
+    return {name[5:]: fn for name, fn in namespace.items() if name.startswith("step_")}
+
+
+RUN = collect_steps(globals())
+# Fault and machine-level steps live in their own modules; they use the helpers above.
+from . import steps_crash, steps_faults  # noqa: E402
+RUN.update(steps_faults.RUN)
+RUN.update(steps_crash.RUN)

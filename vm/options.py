@@ -1,0 +1,160 @@
+"""The guest options, defined once for every front end: `python -m vm`, `python -m vm.scenario`,
+`python -m bench` and the pytest plugin (tests/ and scenarios/) all take the options of GUEST below,
+with the same flag, environment variable and default.
+
+The command line beats the environment, which beats the default. A bad value (an unknown flavour, a
+kernel tree that is not one) is refused while the options are parsed: exit status 2, nothing started.
+A new option (a `--flavour all`, a `-j N`) is one more row here, and every front end has it."""
+import argparse
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from . import flavours, kernel_tree
+from .errors import BenchError
+from .paths import results_dir
+
+ACCELS = ("auto", "kvm", "tcg")
+
+
+def _flavour(name: str) -> str:
+    flavours.get(name)   # BenchError naming the known flavours and the file
+    return name
+
+
+def _cpus(text: str) -> int:
+    n = int(text)
+    if not 1 <= n <= 64:
+        raise ValueError(f"expected 1 to 64 virtual CPUs, got {n}")
+    return n
+
+
+def _memory(text: str) -> str:
+    if not re.fullmatch(r"[1-9]\d*[MG]", text):
+        raise ValueError(f"expected QEMU's form, e.g. 2G or 1536M, got {text!r}")
+    return text
+
+
+def _accel(text: str) -> str:
+    if text not in ACCELS:
+        raise ValueError(f"expected one of {', '.join(ACCELS)}, got {text!r}")
+    return text
+
+
+@dataclass(frozen=True)
+class Option:
+    dest: str                  # attribute of the parsed options (GuestOptions' field when guest)
+    flag: str
+    env: str                   # the environment variable that changes the default
+    default: object
+    help: str
+    parse: Callable = str      # text -> value, for the command line and the environment alike
+    switch: bool = False       # takes no value; the environment turns it on with 1
+    metavar: str = None
+    guest: bool = True         # a field of vm.guest.GuestOptions
+
+    def env_default(self, environ=None):
+        """The default, as the environment changes it (text, parsed later like a command line)."""
+        raw = (os.environ if environ is None else environ).get(self.env) or None
+        if self.switch:
+            return raw == "1" if raw is not None else self.default
+        return raw if raw is not None else self.default
+
+    def convert(self, text):
+        try:
+            return self.parse(text)
+        except (ValueError, BenchError) as e:
+            raise argparse.ArgumentTypeError(f"{e} (from {self.flag} or {self.env})") from None
+
+
+GUEST = (
+    Option("flavour", "--flavour", "UBD_FLAVOUR", flavours.DEFAULT,
+           "kernel flavour from kernel/flavours.toml", _flavour, metavar="NAME"),
+    Option("accel", "--accel", "UBD_ACCEL", "auto",
+           "QEMU accelerator: auto tries KVM (a real start proves it), else TCG", _accel,
+           metavar="|".join(ACCELS)),
+    Option("cpus", "--cpus", "UBD_CPUS", 2, "virtual CPUs of the guest", _cpus, metavar="N"),
+    Option("memory", "--memory", "UBD_MEMORY", "2G", "guest memory", _memory, metavar="SIZE"),
+    Option("kernel_tree", "--kernel-tree", "UBD_KERNEL_TREE", None,
+           "build the guest kernel from this Linux source tree (out of tree, cached) and boot it "
+           "on the flavour's root filesystem", kernel_tree.check_tree, metavar="DIR"),
+    Option("kernel_debug", "--debug-kernel", "UBD_KERNEL_DEBUG", False,
+           "with --kernel-tree: add kernel/debug.config (KASAN, lockdep, ...)", switch=True),
+    Option("profile_image", "--profile-image", "UBD_PROFILE_IMAGE", False,
+           "boot the flavour's `profile` image: linux-perf installed, kernel symbols and perf events "
+           "open to root (vm/image.py)", switch=True),
+    Option("results", "--results", "UBD_RESULTS", None,
+           "the run's folder (default: a new one under $UBD_RESULTS, itself default results/; "
+           "for `vm exec` and `vm shell` a temporary one)",
+           Path, metavar="DIR", guest=False),
+)
+BY_DEST = {o.dest: o for o in GUEST}
+
+
+def default(dest: str):
+    """The built-in default (no environment): for GuestOptions and the engine's own dataclasses."""
+    return BY_DEST[dest].default
+
+
+def _help(o: Option) -> str:
+    shown = "" if o.default in (None, False) else f"; default {o.default}"
+    return o.help if o.env in o.help else f"{o.help} (env {o.env}{shown})"
+
+
+def _specs(only=None):
+    """(flag, keyword arguments) of each option, for argparse and pytest alike."""
+    for o in GUEST:
+        if only is not None and o.dest not in only:
+            continue
+        kw = {"dest": o.dest, "help": _help(o)}
+        if o.switch:
+            kw.update(action="store_true", default=o.env_default())
+        else:
+            # the run folder's default is named later, under $UBD_RESULTS (run_dir)
+            kw.update(type=o.convert, metavar=o.metavar,
+                      default=None if o.dest == "results" else o.env_default())
+        yield o.flag, kw
+
+
+def add_arguments(parser, only=None):
+    """The guest options (or the `only` ones, by dest) on an argparse parser or sub-parser."""
+    g = parser.add_argument_group("guest options")
+    for flag, kw in _specs(only):
+        g.add_argument(flag, **kw)
+
+
+def add_pytest_options(parser):
+    """The same options for pytest (`pytest --flavour backports`). Both conftest files call it; the
+    first call registers them."""
+    g = parser.getgroup("guest", "ubd guest options (vm/options.py)")
+    if any(opt.dest == GUEST[0].dest for opt in g.options):
+        return
+    for flag, kw in _specs():
+        g.addoption(flag, **kw)
+
+
+def values(a) -> dict:
+    """GuestOptions' fields from parsed options (an argparse namespace or pytest's config.option)."""
+    return {o.dest: getattr(a, o.dest) for o in GUEST if o.guest}
+
+
+def guest_options(a, **kw):
+    """A vm.guest.GuestOptions from parsed options; kw adds the rest (run_dir, log, ...)."""
+    from .guest import GuestOptions
+    return GuestOptions(**values(a), **kw)
+
+
+def run_dir(a, prefix: str) -> Path:
+    """--results, or a new folder under $UBD_RESULTS named PREFIX<time>."""
+    return Path(a.results) if a.results else results_dir() / (prefix + time.strftime("%Y%m%d-%H%M%S"))
+
+
+def pytest_run_dir(config) -> Path:
+    """The folder of a pytest session, shared by its guests and scenarios: --results, or a new one
+    under $UBD_RESULTS named pytest-<time> (fixed on first use, so both conftest files agree)."""
+    if config.option.results is None:
+        config.option.results = run_dir(config.option, "pytest-")
+    return Path(config.option.results)
