@@ -8,7 +8,7 @@
 
 The scenario schema and loader, the scenario steps, the bench and the health checks read this module.
 The server keeps its own defaults for someone typing `ublk add` by hand; the limits are the server's
-(ubdsrv/cli.py, ubdsrv/uapi.py), so a scenario the host accepts is one the server accepts.
+(ubdsrv/cli.py), so a scenario the host accepts is one the server accepts.
 
 Adding a target: one entry in TARGETS (its options, if any) next to its module in ubdsrv/targets/;
 docs/add-a-target.md walks through it."""
@@ -17,7 +17,6 @@ import shlex
 from dataclasses import dataclass, field
 from typing import Optional
 
-from ubdsrv import uapi
 from ubdsrv.cli import MAX_DEPTH, MAX_QUEUES   # what the server's `ublk add` accepts
 # One definition for host, guest and server: the guest's agent and the `ublk` CLI import it from the
 # pushed server package, which needs the standard library only.
@@ -120,9 +119,9 @@ FAULT = {
                               doc="no injected error before a queue has seen this many requests"),
     "fail_after_secs": Setting("float", None, 0.0, 86400.0, option="--fail_after_secs",
                                doc="no injected error before the server has run this many seconds"),
-    "stuck_tag": Setting("int", None, 0, uapi.UBLK_MAX_QUEUE_DEPTH - 1, option="--stuck_tag",
+    "stuck_tag": Setting("int", None, 0, MAX_DEPTH - 1, option="--stuck_tag",
                          doc="never complete the first request on this tag (of each queue)"),
-    "die_during_fetch": Setting("int", None, 1, uapi.UBLK_MAX_QUEUE_DEPTH, option="--die_during_fetch",
+    "die_during_fetch": Setting("int", None, 1, MAX_DEPTH, option="--die_during_fetch",
                                 doc="SIGKILL the server once queue 0 submitted this many FETCHes: "
                                     "`add` must fail cleanly"),
 }

@@ -4,7 +4,8 @@ with the same flag, environment variable and default.
 
 The command line beats the environment, which beats the default. A bad value (an unknown flavour, a
 kernel tree that is not one) is refused while the options are parsed: exit status 2, nothing started.
-A new option (a `--flavour all`, a `-j N`) is one more row here, and every front end has it."""
+A new option (a `-j N`) is one more row here, and every front end has it; `--flavour all` would be
+`_flavour` accepting "all" and the front ends running once per flavour `values()` names."""
 import argparse
 import os
 import re
@@ -56,9 +57,9 @@ class Option:
     metavar: str = None
     guest: bool = True         # a field of vm.guest.GuestOptions
 
-    def env_default(self, environ=None):
+    def env_default(self):
         """The default, as the environment changes it (text, parsed later like a command line)."""
-        raw = (os.environ if environ is None else environ).get(self.env) or None
+        raw = os.environ.get(self.env) or None
         if self.switch:
             return raw == "1" if raw is not None else self.default
         return raw if raw is not None else self.default

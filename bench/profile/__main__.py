@@ -22,7 +22,7 @@ from bench import cases, runner
 from . import summary
 
 HERE = Path(__file__).parent
-GUEST_DIR = "/tmp/ubd-profile"
+GUEST_DIR = "/var/tmp/ubd-profile"   # on the root ext4: the guest's /tmp is a RAM-sized tmpfs
 
 _SUBMIT_ALL, _COOP = uring.IORING_SETUP_SUBMIT_ALL, uring.IORING_SETUP_COOP_TASKRUN
 _DEFER = uring.IORING_SETUP_SINGLE_ISSUER | uring.IORING_SETUP_DEFER_TASKRUN

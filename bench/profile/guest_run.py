@@ -9,6 +9,7 @@ preemption modes to cycle through (/sys/kernel/debug/sched/preempt), the repeats
 Every measurement goes to OUT_DIR/results.json; perf's text reports to OUT_DIR/perf/."""
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -126,13 +127,17 @@ def perf_window(cmd, plan, dev):
     hooks) when perf opens and closes its events: QEMU's multi-threaded TCG can then run stale code
     on the other vCPU (an int3 Oops in a hot path, seen here in handle_softirqs). Patching while
     the guest is idle keeps that away from the code fio and the server are running."""
-    ctl, ack = "/tmp/perf-ctl", "/tmp/perf-ack"
+    ctl, ack = "/run/perf-ctl", "/run/perf-ack"
     for f in (ctl, ack):
         if os.path.exists(f):
             os.unlink(f)
         os.mkfifo(f)
-    proc = subprocess.Popen([*cmd[:2], "-D", "-1", "--control", f"fifo:{ctl},{ack}", *cmd[2:]],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    argv = [*cmd[:2], "-D", "-1", "--control", f"fifo:{ctl},{ack}", *cmd[2:]]
+    if any("{self_pid}" in a for a in argv):
+        # perf's own pid in its arguments: through a shell that execs it, $$ is that pid
+        argv = ["sh", "-c", "exec " + " ".join(shlex.quote(a).replace("{self_pid}", "'$$'")
+                                              for a in argv)]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     argv = [a for a in fio_argv(plan, dev, "/dev/null") if not a.startswith(("--runtime", "--output"))]
     # opening the fifos blocks until perf opens its ends, i.e. until its events are set up
     with open(ctl, "w") as c, open(ack) as a:
@@ -169,8 +174,10 @@ def perf_pass(plan, out, name, dev, pids, mode):
     res = {"stat": perf_window(["perf", "stat", "-x", ";", "-a", "-e", ",".join(plan["perf_events"]),
                                 "-o", f"{d}/{tag}.stat.csv"], plan, dev)}
     # which syscalls and user page faults, by process name (e.g. "ubdq0.1 NR 426")
-    res["syscalls"] = perf_window(["perf", "record", "-q", "-e",
-                                   "raw_syscalls:sys_enter,exceptions:page_fault_user", "-a",
+    # (perf's own syscalls filtered out: each write of its data would be recorded, and so on)
+    res["syscalls"] = perf_window(["perf", "record", "-q", "-e", "raw_syscalls:sys_enter",
+                                   "--filter", "common_pid != {self_pid}",
+                                   "-e", "exceptions:page_fault_user", "-a",
                                    "-o", f"{d}/{tag}.syscalls.data"], plan, dev)
     script = subprocess.run(["perf", "script", "-i", f"{d}/{tag}.syscalls.data", "-F", "comm,event,trace"],
                             capture_output=True, text=True).stdout
@@ -183,6 +190,7 @@ def perf_pass(plan, out, name, dev, pids, mode):
         key = f"{f[0]} {what}"
         counts[key] = counts.get(key, 0) + 1
     res["syscalls"]["by_comm"] = dict(sorted(counts.items(), key=lambda kv: -kv[1])[:30])
+    os.unlink(f"{d}/{tag}.syscalls.data")
     # for null_blk there is no server: the whole guest only
     for kind, who in (("record", ["-p", ",".join(map(str, pids))] if pids else None),
                       ("record_all", ["-a"])):
@@ -225,6 +233,8 @@ def main():
     info = {"uname": sh("uname -r").stdout.strip(), "cmdline": open("/proc/cmdline").read().strip(),
             "boot_preempt": preempt_mode(), "clk_tck": CLK_TCK, "ublk_list": sh("ublk list").stdout,
             "vulnerabilities": sh("grep -r . /sys/devices/system/cpu/vulnerabilities/ || true").stdout,
+            "cpu_flags": sorted(set(next((l.split(":", 1)[1].split() for l in open("/proc/cpuinfo")
+                                          if l.startswith("flags")), []))),
             "pids": {name: pids for name, _, pids in devices}, "plan": plan}
     runs = []
     n = len(devices)
@@ -237,6 +247,7 @@ def main():
                 print(json.dumps({x: rec.get(x) for x in ("run", "iops", "srv_user_us", "srv_sys_us")}),
                       flush=True)
     perf = {}
+    save(out, info, runs, perf)   # the timings survive a failing perf pass
     if plan.get("perf_events") is not None:
         for m in modes:
             for name, dev, pids in devices:
@@ -247,6 +258,10 @@ def main():
         if v.get("delete"):
             sh(v["delete"], check=False)
     sh("ublk del -a; modprobe -r null_blk", check=False)
+    save(out, info, runs, perf)
+
+
+def save(out, info, runs, perf):
     with open(f"{out}/results.json", "w") as f:
         json.dump({"info": info, "runs": runs, "perf": perf}, f, indent=1)
 
