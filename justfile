@@ -16,9 +16,13 @@ setup:
 run *ARGS: setup
     @{{py}} -m vm.scenario run "$@"
 
-# Run every shipped scenario.
+# Run every shipped scenario (`-j N`: N guests at once; `--shard I/N`: a CI runner's share).
 run-all *ARGS: setup
     @{{py}} -m vm.scenario run-all "$@"
+
+# Scenarios (default: every shipped one) on every kernel flavour, plus `--kernel-tree DIR`: one table.
+run-matrix *ARGS: setup
+    @{{py}} -m vm.scenario run-matrix "$@"
 
 # The whole test suite: host tests, guest tests and scenarios (boots real guests).
 test *ARGS: setup

@@ -12,13 +12,24 @@ import pytest
 from vm import options
 from vm.cli_guard import raise_interrupt
 from vm.guest import Guest, GuestOptions
+from vm.scenario import shard
 
 
 def pytest_addoption(parser):
     options.add_pytest_options(parser)
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node):
+    options.pytest_configure_node(node)   # xdist workers share the controller's run folder
+
+
+def pytest_collection_modifyitems(config, items):
+    shard.deselect(config, items)
+
+
 def pytest_configure(config):
+    options.pytest_check(config)
     # SIGTERM unwinds like Ctrl-C, so fixtures stop their QEMUs.
     signal.signal(signal.SIGTERM, raise_interrupt)
 
@@ -29,6 +40,8 @@ def _opts(config, name, flavour=None) -> GuestOptions:
         # a given flavour's own kernel: not the kernel built from --kernel-tree (the newer-kernel
         # guest exists to test what the packaged 7.x kernel has)
         values.update(flavour=flavour, kernel_tree=None, kernel_debug=False)
+    worker = options.pytest_worker(config)   # xdist workers' guests apart: gw0-shared-guest-1
+    name = f"{worker}-{name}" if worker else name
     return GuestOptions(**values, run_dir=options.pytest_run_dir(config) / name,
                         log=lambda msg: print(msg, flush=True))
 

@@ -92,6 +92,15 @@ REFUSED = (
     (Option("htlb", "", "str"), "shared-memory zero copy is not supported by this server"),
     (Option("rdonly_shmem_buf"), "shared-memory zero copy is not supported by this server"),
 )
+#: the device flags each option sets (ublksrv_parse_add_opts)
+FLAG_OPTIONS = (
+    ("uring_comp", uapi.UBLK_F_URING_CMD_COMP_IN_TASK),
+    ("need_get_data", uapi.UBLK_F_NEED_GET_DATA),
+    ("user_recovery", uapi.UBLK_F_USER_RECOVERY),
+    ("user_recovery_reissue", uapi.UBLK_F_USER_RECOVERY | uapi.UBLK_F_USER_RECOVERY_REISSUE),
+    ("user_recovery_fail_io", uapi.UBLK_F_USER_RECOVERY | uapi.UBLK_F_USER_RECOVERY_FAIL_IO),
+    ("usercopy", uapi.UBLK_F_USER_COPY),
+)
 #: flags the device must really have, as the option that asked for each
 _MUST_KEEP = {uapi.UBLK_F_NEED_GET_DATA: "-g 1", uapi.UBLK_F_USER_RECOVERY: "-r 1",
               uapi.UBLK_F_USER_RECOVERY_REISSUE: "-i 1", uapi.UBLK_F_USER_RECOVERY_FAIL_IO: "-e 1",
@@ -142,7 +151,7 @@ def parse_add(argv):
         _fail("add", [f"{opt('number')} {number}: expected a device id, 0 to {uapi.UBLK_MINORS - 1} "
                       f"(-1: any)"])
     queues, depth = r.values.get("queues", DEFAULT_QUEUES), r.values.get("depth", DEFAULT_DEPTH)
-    for key, value, hi in (("queues", queues, MAX_QUEUES), ("depth", depth, MAX_DEPTH)):
+    for key, value in (("queues", queues), ("depth", depth)):
         if value < 1:
             _fail("add", [f"{opt(key)} {value}: expected at least 1"])
     if queues > MAX_QUEUES:
@@ -154,24 +163,13 @@ def parse_add(argv):
     max_io = r.values.get("max_io_buf_bytes", DEFAULT_MAX_IO)
     if not MIN_IO <= max_io <= MAX_IO:
         _fail("add", [f"--max_io_buf_bytes {max_io}: expected {MIN_IO} to {MAX_IO} bytes"])
-    flags = uapi.UBLK_F_CMD_IOCTL_ENCODE
-    on = {key: bool(r.values.get(key)) for key in ("uring_comp", "need_get_data", "user_recovery",
-                                                   "user_recovery_reissue", "user_recovery_fail_io")}
-    if on["user_recovery_reissue"] and on["user_recovery_fail_io"]:
+    if r.values.get("user_recovery_reissue") and r.values.get("user_recovery_fail_io"):
         _fail("add", [f"{opt('user_recovery_reissue')} and {opt('user_recovery_fail_io')} contradict "
                       f"each other (reissue vs fail the IO of a dead server)"])
-    if on["uring_comp"]:
-        flags |= uapi.UBLK_F_URING_CMD_COMP_IN_TASK
-    if on["need_get_data"]:
-        flags |= uapi.UBLK_F_NEED_GET_DATA
-    if on["user_recovery"] or on["user_recovery_reissue"] or on["user_recovery_fail_io"]:
-        flags |= uapi.UBLK_F_USER_RECOVERY
-    if on["user_recovery_reissue"]:
-        flags |= uapi.UBLK_F_USER_RECOVERY_REISSUE
-    if on["user_recovery_fail_io"]:
-        flags |= uapi.UBLK_F_USER_RECOVERY_FAIL_IO
-    if r.values.get("usercopy"):
-        flags |= uapi.UBLK_F_USER_COPY
+    flags = uapi.UBLK_F_CMD_IOCTL_ENCODE
+    for key, bits in FLAG_OPTIONS:
+        if r.values.get(key):         # any non-zero value, as ublksrv tests them
+            flags |= bits
     mine = {o.name for o in tcls.options}
     try:
         spec = tcls.spec_from_options({o.name: r.get(o) for o in tcls.options},

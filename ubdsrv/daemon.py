@@ -226,7 +226,7 @@ def serve(dev_id, info, spec, mode, report, log, ready_timeout=60.0, report_fd=-
     nq, depth = info.nr_hw_queues, info.queue_depth
     log(f"daemon: {mode} dev {dev_id}: {nq} queues, depth {depth}, max io {info.max_io_buf_bytes}, "
         f"flags 0x{info.flags:x} [{' '.join(uapi.flag_names(info.flags))}], target {json.dumps(spec)}")
-    # SIGTERM and SIGCHLD wait in the reaping loop (sigtimedwait); a SIGTERM during setup stays pending
+    # SIGTERM and SIGCHLD are taken in the reaping loop (sigwaitinfo); one during setup stays pending
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGCHLD})
     _protect_from_oom(log)
     flags = os.O_RDWR | os.O_CLOEXEC
@@ -413,8 +413,11 @@ def _serve_until_done(dev_id, children, log):
             _kill_all(children)
             status = 1
             break
-        wait = 1.0 if deadline is None else min(1.0, deadline - now)
-        sig = signal.sigtimedwait({signal.SIGCHLD, signal.SIGTERM}, wait)
+        waited = {signal.SIGCHLD, signal.SIGTERM}
+        if deadline is None:
+            sig = signal.sigwaitinfo(waited)
+        else:
+            sig = signal.sigtimedwait(waited, min(1.0, deadline - now))
         if sig is not None and sig.si_signo == signal.SIGTERM and deadline is None:
             log(f"daemon: SIGTERM (from pid {sig.si_pid}): STOP_DEV; in-flight IO is served first")
             deadline = time.monotonic() + STOP_TIMEOUT

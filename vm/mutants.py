@@ -190,7 +190,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--mutants", metavar="DIR", type=Path, default=DEFAULT_MUTANTS,
                    help=f"a directory of *.patch mutants (default {DEFAULT_MUTANTS})")
     p.add_argument("--scenarios", nargs="+", metavar="NAME",
-                   help="scenarios to run, as `just run` names them (default: every shipped one)")
+                   help="scenarios to run, as `just run` names them (default: every shipped one "
+                        "but the nightly ones)")
+    p.add_argument("--nightly", action="store_true",
+                   help="without --scenarios: the nightly scenarios too (hours per mutant)")
     options.add_arguments(p, only=GUEST_OPTIONS + ("results",))
     return p
 
@@ -201,6 +204,8 @@ def prepare(a):
         raise BenchError("--kernel-tree DIR is required: the tree whose ublk_drv.c the mutants patch")
     mutants = load_dir(a.mutants)
     cases = load_cases(a.scenarios or [str(p) for p in catalog.shipped()])
+    if not a.scenarios and not a.nightly:
+        cases = [c for c in cases if not c.nightly]
     check_applies(mutants, a.kernel_tree)
     return mutants, cases
 

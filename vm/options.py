@@ -21,8 +21,12 @@ from .paths import results_dir
 ACCELS = ("auto", "kvm", "tcg")
 
 
+ALL_FLAVOURS = "all"   # --flavour all: the scenario front ends run once per flavour (flavours())
+
+
 def _flavour(name: str) -> str:
-    flavours.get(name)   # BenchError naming the known flavours and the file
+    if name != ALL_FLAVOURS:
+        flavours.get(name)   # BenchError naming the known flavours and the file
     return name
 
 
@@ -56,6 +60,7 @@ class Option:
     switch: bool = False       # takes no value; the environment turns it on with 1
     metavar: str = None
     guest: bool = True         # a field of vm.guest.GuestOptions
+    short: str = None          # a one-letter flag as well (-j); argparse front ends only
 
     def env_default(self):
         """The default, as the environment changes it (text, parsed later like a command line)."""
@@ -73,7 +78,8 @@ class Option:
 
 GUEST = (
     Option("flavour", "--flavour", "UBD_FLAVOUR", flavours.DEFAULT,
-           "kernel flavour from kernel/flavours.toml", _flavour, metavar="NAME"),
+           "kernel flavour from kernel/flavours.toml (`all`: each in turn, for the scenario "
+           "commands)", _flavour, metavar="NAME"),
     Option("accel", "--accel", "UBD_ACCEL", "auto",
            "QEMU accelerator: auto tries KVM (a real start proves it), else TCG", _accel,
            metavar="|".join(ACCELS)),
@@ -95,6 +101,30 @@ GUEST = (
 BY_DEST = {o.dest: o for o in GUEST}
 
 
+def _jobs(text: str) -> int:
+    n = int(text)
+    if not 1 <= n <= 16:
+        raise ValueError(f"expected 1 to 16 guests at once, got {n}")
+    return n
+
+
+def _shard(text: str) -> tuple:
+    from .scenario import shard
+    return shard.parse(text)
+
+
+# How a scenario run is spread: `python -m vm.scenario` (run, run-all, run-matrix). The pytest
+# route has xdist's `-n N` for jobs and scenarios/conftest.py's --shard (the same parse).
+RUN = (
+    Option("jobs", "--jobs", "UBD_JOBS", 1,
+           "guests at once, each with its own overlay, port and folder", _jobs, metavar="N",
+           guest=False, short="-j"),
+    Option("shard", "--shard", "UBD_SHARD", None,
+           "run only share I of N of the cases (by a hash of the case id: stable when scenarios "
+           "are added)", _shard, metavar="I/N", guest=False),
+)
+
+
 def default(dest: str):
     """The built-in default (no environment): for GuestOptions and the engine's own dataclasses."""
     return BY_DEST[dest].default
@@ -105,9 +135,9 @@ def _help(o: Option) -> str:
     return o.help if o.env in o.help else f"{o.help} (env {o.env}{shown})"
 
 
-def _specs(only=None):
+def _specs(only=None, table=GUEST):
     """(flag, keyword arguments) of each option, for argparse and pytest alike."""
-    for o in GUEST:
+    for o in table:
         if only is not None and o.dest not in only:
             continue
         kw = {"dest": o.dest, "help": _help(o)}
@@ -115,8 +145,11 @@ def _specs(only=None):
             kw.update(action="store_true", default=o.env_default())
         else:
             # the run folder's default is named later, under $UBD_RESULTS (run_dir)
+            raw = o.env_default()
+            # argparse converts a text default itself; pytest does not
             kw.update(type=o.convert, metavar=o.metavar,
-                      default=None if o.dest == "results" else o.env_default())
+                      default=None if o.dest == "results" else
+                      o.convert(raw) if isinstance(raw, str) and table is RUN else raw)
         yield o.flag, kw
 
 
@@ -127,6 +160,24 @@ def add_arguments(parser, only=None):
         g.add_argument(flag, **kw)
 
 
+def add_run_arguments(parser):
+    """-j N and --shard I/N, for the scenario front ends."""
+    g = parser.add_argument_group("run options")
+    for o, (flag, kw) in zip(RUN, _specs(table=RUN)):
+        g.add_argument(*([o.short] if o.short else []), flag, **kw)
+
+
+def add_pytest_shard_option(group):
+    """--shard I/N for the scenarios' pytest plugin (the same row as the scenario front ends')."""
+    flag, kw = next((f, kw) for o, (f, kw) in zip(RUN, _specs(table=RUN)) if o.dest == "shard")
+    group.addoption(flag, **kw)
+
+
+def flavours_of(a) -> list:
+    """The flavours a run covers: every one in kernel/flavours.toml for --flavour all."""
+    return sorted(flavours.load_all()) if a.flavour == ALL_FLAVOURS else [a.flavour]
+
+
 def add_pytest_options(parser):
     """The same options for pytest (`pytest --flavour backports`). Both conftest files call it; the
     first call registers them."""
@@ -135,10 +186,14 @@ def add_pytest_options(parser):
         return
     for flag, kw in _specs():
         g.addoption(flag, **kw)
+    add_pytest_shard_option(parser.getgroup("run", "how the session is spread (vm/options.py)"))
 
 
 def values(a) -> dict:
     """GuestOptions' fields from parsed options (an argparse namespace or pytest's config.option)."""
+    if getattr(a, "flavour", None) == ALL_FLAVOURS:
+        raise BenchError("--flavour all: only the scenario commands (run, run-all, run-matrix) "
+                         "run on every flavour; name one flavour here")
     return {o.dest: getattr(a, o.dest) for o in GUEST if o.guest}
 
 
@@ -155,7 +210,28 @@ def run_dir(a, prefix: str) -> Path:
 
 def pytest_run_dir(config) -> Path:
     """The folder of a pytest session, shared by its guests and scenarios: --results, or a new one
-    under $UBD_RESULTS named pytest-<time> (fixed on first use, so both conftest files agree)."""
+    under $UBD_RESULTS named pytest-<time> (fixed on first use, so both conftest files agree).
+    An xdist worker uses the controller's (handed over by pytest_configure_node)."""
     if config.option.results is None:
-        config.option.results = run_dir(config.option, "pytest-")
+        given = getattr(config, "workerinput", {}).get("ubd_results")
+        config.option.results = Path(given) if given else run_dir(config.option, "pytest-")
     return Path(config.option.results)
+
+
+def pytest_check(config):
+    """pytest_configure: options pytest cannot honour, refused before anything is collected."""
+    import pytest
+    if config.option.flavour == ALL_FLAVOURS:
+        raise pytest.UsageError("--flavour all: pytest runs on one flavour; for every flavour use "
+                                "`just run-matrix` (or `just run-all --flavour all`)")
+
+
+def pytest_worker(config) -> str:
+    """The xdist worker's id (gw0, ...), "" without xdist: a prefix that keeps workers' guest
+    folders apart."""
+    return getattr(config, "workerinput", {}).get("workerid", "")
+
+
+def pytest_configure_node(node):
+    """xdist, on the controller: every worker writes into the controller's run folder."""
+    node.workerinput["ubd_results"] = str(pytest_run_dir(node.config))

@@ -139,8 +139,17 @@ def perf_window(cmd, plan, dev):
                                               for a in argv)]
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     argv = [a for a in fio_argv(plan, dev, "/dev/null") if not a.startswith(("--runtime", "--output"))]
-    # opening the fifos blocks until perf opens its ends, i.e. until its events are set up
-    with open(ctl, "w") as c, open(ack) as a:
+    # perf opens its ends of the fifos once its events are set up; a perf that fails exits instead
+    while True:
+        try:
+            fd = os.open(ctl, os.O_WRONLY | os.O_NONBLOCK)
+            break
+        except OSError:   # ENXIO: no reader yet
+            if proc.poll() is not None:
+                raise SystemExit(f"guest_run: {' '.join(argv)} failed: {proc.stderr.read()[-800:]}")
+            time.sleep(0.1)
+    os.set_blocking(fd, True)
+    with os.fdopen(fd, "w") as c, open(ack) as a:
         def say(word):
             c.write(word + "\n")
             c.flush()

@@ -121,13 +121,15 @@ def broken_server(tmp_path):
 
 
 def test_power_cut_catches_a_server_that_ignores_flush(run, broken_server):
-    [res] = run(SCENARIOS / "power_cut.toml", server_dir=broken_server("ignores_flush")).values()
+    [res] = run(SCENARIOS / "power_cut.toml", "dev=ubd",
+                server_dir=broken_server("ignores_flush")).values()
     assert res.kind == EXPECTATION, report.failure_text(res)
-    assert res.where == "step 21/26 (verify_acked ubd)"   # the kernel loop driver's comes next
-    assert "files acknowledged on ubd before the cut are lost or damaged" in res.message
-    assert int(res.message.split()[0]) > 0
-    assert any(w in res.seen for w in ("No such file or directory", "differs", "were acknowledged"))
-    assert (res.folder / "acked-ubd.txt").read_text().count("\n") >= int(res.message.split()[0])
+    # red after the cut: the filesystem gone (mkfs's own writes were never made durable), not
+    # clean, or acknowledged files lost, depending on how much the data disk committed by itself
+    step = int(res.where.split()[1].split("/")[0])
+    assert step > 6 and res.where.split("(")[1].split()[0] in ("mount", "fsck", "verify_acked"), \
+        res.where
+    assert (res.folder / "acked-ubd.txt").read_text().count("\n") > 0
 
 
 def test_io_errors_catches_a_server_that_swallows_errors(run, broken_server):
@@ -139,6 +141,7 @@ def test_io_errors_catches_a_server_that_swallows_errors(run, broken_server):
 def test_kill_during_fetch_catches_a_cli_that_keeps_a_failed_device(run, broken_server):
     [res] = run(SCENARIOS / "kill_during_fetch.toml",
                 server_dir=broken_server("keeps_failed_device")).values()
-    assert res.kind == EXPECTATION, report.failure_text(res)
+    # on 6.12 the kernel's WARN of that path outranks it (kernel/baselines/cloud.toml)
+    found = [res.message] + [p.split(": ", 2)[-1] for p in res.problems]
+    assert "the failed `ublk add` left early behind" in found, report.failure_text(res)
     assert res.where == "step 1/6 (add early)"
-    assert res.message == "the failed `ublk add` left early behind"

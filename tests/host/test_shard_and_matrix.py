@@ -66,3 +66,21 @@ def test_merge_of_a_file_that_is_no_result_names_it(tmp_path):
         matrix.merge([tmp_path / "x.json"], tmp_path / "out")
     with pytest.raises(BenchError, match="nope"):
         matrix.merge([tmp_path / "nope"], tmp_path / "out")
+
+
+def test_run_all_shards_1_and_2_of_2_cover_its_cases_once_and_pytest_picks_the_same():
+    import subprocess
+    import sys
+
+    from vm.paths import REPO
+    from vm.scenario import cli
+
+    def picked(*argv):
+        return [c.id for c in cli.select_cases(cli.parser().parse_args(["run-all", *argv]))]
+    everything, one, two = picked(), picked("--shard", "1/2"), picked("--shard", "2/2")
+    assert one and two and sorted(one + two) == sorted(everything)
+    r = subprocess.run([sys.executable, "-m", "pytest", "scenarios", "--collect-only", "-q",
+                        "-p", "no:cacheprovider", "--shard", "1/2"], cwd=REPO, capture_output=True,
+                       text=True, timeout=120)
+    items = [line.split("::", 1)[1] for line in r.stdout.splitlines() if "::" in line]
+    assert sorted(items) == sorted(one), r.stdout[-2000:]

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..errors import BenchError
 from ..paths import KERNEL_DIR
+from .errors import SKIPPED
 
 BASELINE_DIR = KERNEL_DIR / "baselines"
 PASS, REGRESSION = "PASS", "REGRESSION"
@@ -63,10 +64,13 @@ def base_case_id(case_id: str) -> str:
     return case_id.split("#", 1)[0]
 
 
+SKIP = "SKIP"
+
+
 def apply(results, baseline: Baseline) -> None:
-    """Sets each result's `verdict` from its outcome and the baseline."""
+    """Sets each result's `verdict` from its outcome and the baseline (a skip stays a skip)."""
     for r in results:
-        r.verdict = baseline.verdict(base_case_id(r.id), r.passed)
+        r.verdict = SKIP if r.kind == SKIPPED else baseline.verdict(base_case_id(r.id), r.passed)
 
 
 def regressions(results) -> list:
@@ -79,7 +83,7 @@ def write(results, baseline: Baseline, reasons: dict = None) -> Path:
     are kept, a new entry gets the failure's kind and message as its reason."""
     lines = [f"# Cases known to fail or not to apply on this kernel; written by --update-baseline,",
              "# reasons may be edited by hand (they are kept on the next update).", ""]
-    for r in sorted((r for r in results if not r.passed), key=lambda r: r.id):
+    for r in sorted((r for r in results if not r.passed and r.kind != SKIPPED), key=lambda r: r.id):
         case = base_case_id(r.id)
         reason = baseline.known.get(case) or (reasons or {}).get(case) or f"{r.kind}: {r.message}"[:200]
         lines += ["[[known]]", f"case = {_toml_str(case)}", f"reason = {_toml_str(reason)}", ""]

@@ -1,12 +1,18 @@
-"""`python -m vm.scenario run NAME... | run | run-all | check NAME...` (just run / just run-all)."""
+"""`python -m vm.scenario run NAME... | run | run-all | run-matrix [NAME...] | check NAME...`
+(just run / run-all / run-matrix)."""
 import argparse
+import signal
 import sys
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
-from .. import options
+from .. import flavours, options
+from ..cli_guard import raise_interrupt
 from ..errors import BenchError
-from . import catalog, loader, report
+from . import baseline, catalog, kernel_info, loader, matrix, report, shard
 from .errors import SETUP
+from .parallel import Workers
 from .progress import Progress
 from .runner import RunOptions, Runner
 
@@ -30,6 +36,25 @@ def load_cases(names) -> list:
     return cases
 
 
+def select_cases(a) -> list:
+    """The cases a run/run-all/run-matrix command line names, less the nightly ones (unless
+    --nightly) and the other shards' (--shard I/N)."""
+    everything = a.cmd == "run-all" or (a.cmd == "run-matrix" and not a.names)
+    names = [str(x) for x in catalog.shipped()] if everything else a.names
+    cases = load_cases(names)
+    if everything and not a.nightly:
+        skipped = sorted({c.scenario for c in cases if c.nightly})
+        cases = [c for c in cases if not c.nightly]
+        if skipped:
+            _err(f"{a.cmd}: leaving out the nightly scenarios ({', '.join(skipped)}); "
+                 "--nightly runs them too")
+    if a.shard:
+        picked = shard.select(cases, a.shard)
+        _err(f"--shard {a.shard[0]}/{a.shard[1]}: {len(picked)} of {len(cases)} case(s)")
+        cases = picked
+    return cases
+
+
 def list_scenarios() -> int:
     rows = [(p.stem, catalog.describe(p)) for p in catalog.shipped()]
     width = max((len(n) for n, _ in rows), default=0)
@@ -39,40 +64,121 @@ def list_scenarios() -> int:
     return 0
 
 
+@dataclass
+class Target:
+    """One kernel a run covers: a column of the matrix."""
+    label: str            # the column's folder: the flavour's name, or "tree"
+    guest: dict           # GuestOptions fields (vm/options.py)
+    baseline: str = None  # kernel/baselines/<name>.toml; none for a kernel built from a tree
+
+
+def targets(a) -> list:
+    """The kernels of a run: one (the options as given), or for `run-matrix` and `--flavour all`
+    every flavour of kernel/flavours.toml, plus the --kernel-tree (on the default flavour's root)."""
+    base = {o.dest: getattr(a, o.dest) for o in options.GUEST if o.guest}
+    if a.cmd != "run-matrix" and a.flavour != options.ALL_FLAVOURS:
+        return [Target(a.flavour, base, None if a.kernel_tree else a.flavour)]
+    out = [Target(f, dict(base, flavour=f, kernel_tree=None, kernel_debug=False), f)
+           for f in options.flavours_of(a)]
+    if a.kernel_tree:
+        flavour = flavours.DEFAULT if a.flavour == options.ALL_FLAVOURS else a.flavour
+        out.append(Target("tree", dict(base, flavour=flavour)))
+    return out
+
+
 def run_cases(cases, a) -> int:
     run_dir = options.run_dir(a, "")
     run_dir.mkdir(parents=True, exist_ok=True)
-    progress = Progress()
-    opts = RunOptions(guest=options.values(a), keep=a.keep)
-    runner = Runner(opts, run_dir, progress)
+    kernels = targets(a)
+    if len(kernels) == 1 and a.cmd != "run-matrix":
+        return run_target(cases, a, kernels[0], run_dir)
+    statuses = []
+    for t in kernels:
+        print(f"\n=== {t.label}: {len(cases)} case(s) in {run_dir / t.label}", flush=True)
+        statuses.append(run_target(cases, a, t, run_dir / t.label))
+        if statuses[-1] == 130:
+            break
+    print(f"\nscenario x kernel ({run_dir / 'table.txt'}, combined {run_dir / 'result.json'}):")
+    worst = matrix.merge([run_dir / t.label for t in kernels[:len(statuses)]], run_dir)
+    return 130 if 130 in statuses else max([worst] + statuses)
+
+
+def run_target(cases, a, target: Target, run_dir: Path) -> int:
+    """Runs the cases on one kernel (in a.jobs guests at once); writes result.json and junit.xml."""
+    run_dir.mkdir(parents=True, exist_ok=True)
     planned = [(c, r if a.repeat > 1 else None) for c in cases for r in range(1, a.repeat + 1)]
-    results, t0 = [], time.monotonic()
-    progress.note(f"running {len(planned)} case(s); results in {run_dir}")
+    runners, t0 = [], time.monotonic()
+
+    def make_runner(k=None):
+        parallel_run = a.jobs > 1
+        opts = RunOptions(guest=target.guest, keep=a.keep,
+                          guest_prefix=f"w{k}-" if parallel_run else "")
+        # several cases at once: plain lines, each naming its case, instead of one live display
+        runners.append(Runner(opts, run_dir, Progress(live=False) if parallel_run else Progress()))
+        return runners[-1]
+
+    Progress().note(f"running {len(planned)} case(s)" +
+                    (f" in {a.jobs} guests at once" if a.jobs > 1 else "") + f"; results in {run_dir}")
+    results, interrupted = [], False
+    if a.jobs > 1:
+        workers = Workers(make_runner, a.jobs)
+        try:
+            results = [r for _, r in workers.run(planned)]
+        except KeyboardInterrupt:
+            print("interrupted: every guest stopped", file=sys.stderr, flush=True)
+            results, interrupted = [r for _, r in sorted(workers.done, key=lambda x: x[0])], True
+        interrupted = interrupted or any(r.stop_requested for r in runners)
+    else:
+        results, interrupted = _run_in_turn(make_runner(), planned)
+    return _finish(runners, results, run_dir, a, target, t0, interrupted)
+
+
+def _run_in_turn(runner, planned) -> tuple:
+    """One guest, case after case: (results, interrupted)."""
+    results = []
     try:
         for i, (case, rep) in enumerate(planned, 1):
             res = runner.run_case(case, i, len(planned), rep)
             results.append(res)
             if res.kind == SETUP and not res.steps:
-                progress.note("the guest could not be started: stopping the run")
+                runner.progress.note("the guest could not be started: stopping the run")
                 break
             if runner.stop_requested:
-                return _finish(runner, results, run_dir, a, t0, interrupted=True)
+                return results, True
     except KeyboardInterrupt:
-        progress.note("interrupted: stopping the guest")
-        return _finish(runner, results, run_dir, a, t0, interrupted=True)
-    return _finish(runner, results, run_dir, a, t0)
+        runner.progress.note("interrupted: stopping the guest")
+        return results, True
+    finally:
+        runner.close()
+    return results, False
 
 
-def _finish(runner, results, run_dir, a, t0, interrupted=False) -> int:
-    runner.close()
-    meta = {"flavour": a.flavour, "kernel_tree": str(a.kernel_tree or ""), "debug_kernel": a.kernel_debug,
-            "accel": runner.pool.accel_used or a.accel, "argv": sys.argv[1:],
+def _finish(runners, results, run_dir, a, target, t0, interrupted=False) -> int:
+    for r in runners:
+        r.close()
+    pools = [r.pool for r in runners]
+    accel = next((p.accel_used for p in pools if p.accel_used), None) or target.guest["accel"]
+    release = next((p.kernel_release for p in pools if p.kernel_release), "")
+    kernel = kernel_info.describe(target.guest, release, accel)
+    known = baseline.load(target.baseline) if target.baseline else baseline.Baseline(None, {})
+    baseline.apply(results, known)
+    meta = {"flavour": target.guest["flavour"], "kernel_tree": str(target.guest["kernel_tree"] or ""),
+            "debug_kernel": target.guest["kernel_debug"], "accel": accel, "kernel": kernel,
+            "baseline": str(known.path or ""), "jobs": a.jobs,
+            "shard": f"{a.shard[0]}/{a.shard[1]}" if a.shard else "", "argv": sys.argv[1:],
             "wall_seconds": round(time.monotonic() - t0, 1), "interrupted": interrupted}
     report.write_json(run_dir, results, meta)
-    report.write_junit(run_dir, results)
+    report.write_junit(run_dir, results, kernel=kernel)
     if results:
-        print(report.summary(results, run_dir))
+        print(report.summary(results, run_dir, kernel, known.known))
+    else:
+        print(f"no case to run on {kernel_info.line(kernel)}; results in {run_dir}")
     print(f"wall time {time.monotonic() - t0:.1f} s")
+    if a.update_baseline and not interrupted:
+        if target.baseline:
+            print(f"baseline written: {baseline.write(results, known)}")
+        else:
+            _err("--update-baseline: a kernel built from a tree has no baseline; nothing written")
     return 130 if interrupted else report.exit_status(results)
 
 
@@ -85,7 +191,11 @@ def parser() -> argparse.ArgumentParser:
         options.add_arguments(sp)   # --results DIR: the run folder (default results/<time>/)
         sp.add_argument("--repeat", type=int, default=1, metavar="N", help="run every case N times")
         sp.add_argument("--keep", action="store_true",
-                        help="after a failure keep the guest up and print the ssh command")
+                        help="after a failure keep the guest up and print the ssh command (-j 1 only)")
+        options.add_run_arguments(sp)   # -j N, --shard I/N
+        sp.add_argument("--update-baseline", action="store_true",
+                        help="write kernel/baselines/<flavour>.toml from this run's failures "
+                             "(reasons already written are kept)")
     run = sub.add_parser("run", help="run the named scenarios; without a name, list them")
     run.add_argument("names", nargs="*", metavar="NAME",
                      help="kill_daemon, scenario/kill_daemon, scenarios/kill_daemon.toml, "
@@ -96,6 +206,12 @@ def parser() -> argparse.ArgumentParser:
     common(run_all)
     run_all.add_argument("--nightly", action="store_true",
                          help="also the long scenarios (nightly = true in their file)")
+    mx = sub.add_parser("run-matrix", help="run scenarios (default: every shipped one) on every "
+                                           "flavour, plus --kernel-tree, and print one table")
+    mx.add_argument("names", nargs="*", metavar="NAME", help="as for run; none: as run-all")
+    common(mx)
+    mx.add_argument("--nightly", action="store_true", help="with no NAME: the nightly scenarios too")
+    mx.set_defaults(flavour=options.ALL_FLAVOURS)
     check = sub.add_parser("check", help="validate scenario files without running them")
     check.add_argument("names", nargs="*", metavar="NAME")
     return p
@@ -103,6 +219,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     a = parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, raise_interrupt)   # unwinds like Ctrl-C: every guest is stopped
     try:
         if a.cmd == "check":
             names = a.names or [str(x) for x in catalog.shipped()]
@@ -115,15 +232,9 @@ def main(argv=None) -> int:
             return list_scenarios()
         if a.repeat < 1:
             raise BenchError("--repeat must be at least 1")
-        names = a.names if a.cmd == "run" else [str(x) for x in catalog.shipped()]
-        cases = load_cases(names)
-        if a.cmd == "run-all" and not a.nightly:
-            skipped = sorted({c.scenario for c in cases if c.nightly})
-            cases = [c for c in cases if not c.nightly]
-            if skipped:
-                _err(f"run-all: leaving out the nightly scenarios ({', '.join(skipped)}); "
-                     "--nightly runs them too")
-        return run_cases(cases, a)
+        if a.keep and a.jobs > 1:
+            raise BenchError("--keep holds one failed guest for you to log in: use it with -j 1")
+        return run_cases(select_cases(a), a)
     except BenchError as e:
         _err(f"error: {e}")
         return e.exit_status

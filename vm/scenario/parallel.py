@@ -17,6 +17,7 @@ class Workers:
         self.runners = []
         self.stop = threading.Event()
         self._lock = threading.Lock()
+        self.done = []
 
     def run(self, planned, on_result=None) -> list:
         """planned: [(case, repeat)]; returns [(index, result)] sorted by index. A setup error
@@ -24,7 +25,7 @@ class Workers:
         todo = queue.Queue()
         for item in enumerate(planned):
             todo.put(item)
-        done = []
+        done = self.done = []   # read after an interrupt: the cases that finished
         threads = [threading.Thread(target=self._work, args=(k, todo, done, len(planned), on_result),
                                     name=f"worker-{k}", daemon=True) for k in range(1, self.jobs + 1)]
         for t in threads:

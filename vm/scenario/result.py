@@ -24,6 +24,7 @@ class CaseResult:
     comparisons: list = field(default_factory=list)
     guest: str = ""               # which guest ran it (guest-1, ...), "fresh" or "reused"
     console_tail: str = ""
+    verdict: str = ""             # against the kernel's baseline (baseline.py): PASS, REGRESSION, ...
 
     @property
     def passed(self):

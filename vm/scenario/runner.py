@@ -39,6 +39,7 @@ class RunOptions:
     keep: bool = False        # on failure keep the guest up and print how to log in
     boot_deadline: float = 120.0
     server_dir: Path = None   # push this ubdsrv tree instead of the repo's (tests of broken servers)
+    guest_prefix: str = ""    # "w2-": parallel runners (-j, xdist) in one run folder name guests apart
 
 
 class GuestPool:
@@ -50,6 +51,8 @@ class GuestPool:
         self.booted = 0
         self.last_dir = None
         self.accel_used = None
+        self.kernel_release = None   # `uname -r` of the guests' kernel (their image says it)
+        self.starting = None   # the guest being booted: discard() from another thread stops it (-j)
 
     def acquire(self, data_disk=False):
         """(guest, agent, fresh). Boot problems propagate (KernelPanic, BootTimeout, SetupError).
@@ -59,11 +62,12 @@ class GuestPool:
             return self.guest, self.agent, False
         self.discard()
         self.booted += 1
-        name = f"guest-{self.booted}"
+        name = f"{self.opts.guest_prefix}guest-{self.booted}"
         o = self.opts
         self.last_dir = self.run_dir / "guests" / name
         g = Guest(GuestOptions(**o.guest, run_dir=self.last_dir, data_disk=data_disk,
                                server_dir=o.server_dir, boot_deadline=o.boot_deadline, log=self.note))
+        self.starting = g
         try:
             g.start()
             agent = AgentClient(g)
@@ -71,13 +75,18 @@ class GuestPool:
         except BaseException:
             g.stop()
             raise
+        finally:
+            self.starting = None
         g.name = name
         self.accel_used = g.accel
+        self.kernel_release = g.machine.image.kernel_release
         self.guest, self.agent = g, agent
         self.note(f"{name}: up in {g.boot_seconds:.1f} s ({g.accel})")
         return g, agent, True
 
     def discard(self):
+        if self.starting is not None:   # Ctrl-C under -j: a worker's guest still booting
+            self.starting.stop()
         if self.agent is not None:
             self.agent.close()
         if self.guest is not None:

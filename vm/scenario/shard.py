@@ -29,3 +29,19 @@ def select(cases, shard) -> list:
         return list(cases)
     i, n = shard
     return [c for c in cases if shard_of(c.id, n) == i]
+
+
+def deselect(config, items) -> None:
+    """pytest_collection_modifyitems: keeps the items of --shard I/N (a scenario by its case id, as
+    `run-all --shard` does; any other test by its node id). Idempotent: both conftests call it."""
+    picked = config.getoption("shard", None)
+    if not picked:
+        return
+    i, n = picked
+    keep, drop = [], []
+    for item in items:
+        key = getattr(getattr(item, "case", None), "id", None) or item.nodeid
+        (keep if shard_of(key, n) == i else drop).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep

@@ -111,7 +111,7 @@ def _add_fails(ctx, d, prep, timeout):
     w = ctx.agent.call("wait_state", timeout=60, dev=d.id, state="GONE", within=30)
     if not w.get("reached"):
         raise StepFailure(EXPECTATION, f"the failed `ublk add` left {d.name} behind",
-                          expected="no device /dev/ublkc{d.id} after the failed add",
+                          expected=f"no device /dev/ublkc{d.id} after the failed add",
                           seen=f"{w.get('state')} ({w.get('raw', '')[:300]})",
                           evidence=["server.log", "dmesg.txt"])
     why = (r["stderr"].strip().splitlines() or ["?"])[-1][:160]
