@@ -31,6 +31,7 @@ SCENARIO = "selftests"    # the results' `scenario` field (JUnit class scenarios
 PREPARE = ("modprobe ublk_drv && echo 1 > /proc/sys/kernel/sysrq && "
            "{ sysctl -qw kernel.hung_task_timeout_secs=60 2>/dev/null; true; }")
 DAEMON = "kublk"          # the suite's server: none may outlive its test
+NOT_NODES = "find /dev -maxdepth 1 -name 'ublk[bc]*' -type f"
 VERDICT = {ktap.PASS: PASSED, ktap.XFAIL: PASSED, ktap.SKIP: SKIPPED, ktap.FAIL: EXPECTATION,
            ktap.TIMEOUT: TIMEOUT}
 
@@ -207,8 +208,14 @@ class SelftestRunner:
             if clean:
                 add_problem(res, EXPECTATION, f"health: {DAEMON} daemons left: "
                                               + "; ".join(left.splitlines())[:300])
+        # a path the test wrote to after its device was gone is a file, not a device node
+        files = agent.call("run", timeout=30, cmd=NOT_NODES).get("stdout", "").split()
         h = health.check(agent, mark, taint0, steps_passed=clean)
         (case_dir / "dmesg.txt").write_text("\n".join(h.dmesg) + "\n")
+        if files:
+            agent.call("run", timeout=30, cmd="rm -f " + " ".join(files))
+            res.problems.append(f"not device nodes but regular files: {' '.join(files)} (a writer, "
+                                "e.g. fio, opened the path after the device was deleted)")
         for kind, message in h.problems:
             add_problem(res, kind, message)
         if h.splat_lines:

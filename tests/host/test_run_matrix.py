@@ -145,3 +145,15 @@ def test_git_describe_names_a_dirty_tree(tmp_path):
                              "7.4.0-rc1", "tcg")
     assert k["debug"] and k["tree_describe"] == clean + "-dirty"
     assert f"at {clean}-dirty, debug build, tcg" in kernel_info.line(k)
+
+
+def test_a_guest_that_cannot_start_is_a_setup_error_that_stops_the_run(monkeypatch, tmp_path):
+    from vm.errors import SetupError
+    from vm.scenario.errors import SETUP
+
+    def acquire(self, data_disk=False):
+        raise SetupError("the guest did not answer SSH within 120 s")
+    monkeypatch.setattr(runner.GuestPool, "acquire", acquire)
+    assert cli.main(["run", "kill_daemon", "--flavour", "backports", "--results", str(tmp_path)]) == 2
+    [case] = json.loads((tmp_path / "result.json").read_text())["cases"]
+    assert case["kind"] == SETUP and "did not answer SSH" in case["message"]

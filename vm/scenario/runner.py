@@ -22,11 +22,12 @@ from .session import AgentClient, AgentStuck
 
 # When a case has several problems, the verdict names the most serious.
 SEVERITY = (PANIC, GUEST_LOST, SPLAT, TIMEOUT, EXPECTATION, SETUP)
-# Every boot of a case (a power_cut or reboot step boots again) runs SETUP; the first also RESET.
+# Every boot of a case (a power_cut or reboot step boots again) runs BOOT_SETUP; the first also
+# RESET. (Not `SETUP`: that name is the verdict kind from .errors.)
 RESET = f"rm -rf {WORK_DIR} && rm -f /var/log/ubdsrv/* && "
-SETUP = (f"mkdir -p {WORK_DIR}/fio && modprobe ublk_drv && echo 1 > /proc/sys/kernel/sysrq && "
-         # a hung ublk request shows up in dmesg as a hung task well before a case deadline
-         "{ sysctl -qw kernel.hung_task_timeout_secs=60 2>/dev/null; true; }")
+BOOT_SETUP = (f"mkdir -p {WORK_DIR}/fio && modprobe ublk_drv && echo 1 > /proc/sys/kernel/sysrq && "
+              # a hung ublk request shows up in dmesg as a hung task well before a case deadline
+              "{ sysctl -qw kernel.hung_task_timeout_secs=60 2>/dev/null; true; }")
 # steps that boot the guest again: their cases need the data disk, and a fresh guest afterwards
 MACHINE_STEPS = ("power_cut", "reboot")
 EVIDENCE = (f"cd {WORK_DIR} && {{ tail -v -n +1 /var/log/ubdsrv/*.log > server.log 2>/dev/null || "
@@ -147,7 +148,7 @@ class Runner:
         ctx = steps.Context(case=case, agent=agent, new_boot=self._new_boot)
         res.fio, res.comparisons = ctx.fio, ctx.comparisons   # kept even if a step fails
         try:
-            self._begin(ctx, RESET + SETUP)
+            self._begin(ctx, RESET + BOOT_SETUP)
             self._steps(case, ctx, res)
         except StepFailure as f:
             failure = f
@@ -214,7 +215,7 @@ class Runner:
         agent.start()
         ctx.agent = self.pool.agent = agent
         self.progress.note(f"{ctx.guest.name}: booted again ({ctx.boots + 1} boots in this case)")
-        self._begin(ctx, SETUP)
+        self._begin(ctx, BOOT_SETUP)
 
     def _steps(self, case, ctx, res):
         deadline = time.monotonic() + case.timeout
