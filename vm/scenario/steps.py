@@ -138,7 +138,8 @@ def _target_pid(ctx, d: Device, queue=None) -> int:
     # Never signal a pid we could not read: an empty or small pid reaches process groups.
     if not isinstance(pid, int) or pid <= 1:
         raise StepFailure(EXPECTATION, f"no valid {who} pid for {d.name} in `ublk list -n {d.id}`",
-                          expected=f"a {who} pid > 1", seen=info.get("raw") or "nothing listed",
+                          expected=f"a {who} pid > 1",
+                          seen=info.get("raw") or str(info.get("state") or "nothing listed"),
                           evidence=["server.log"])
     return pid
 
