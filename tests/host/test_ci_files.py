@@ -1,4 +1,4 @@
-"""The GitHub workflows and the Vagrantfile: they parse, and every command they run exists."""
+"""The workflows (read with PyYAML) and the Vagrantfile: they parse, and what they run exists."""
 import re
 import shutil
 import subprocess

@@ -19,7 +19,7 @@ from vm.paths import KERNEL_DIR, REPO
 from vm.scenario import catalog
 from vm.scenario.cli import load_cases
 
-from test_vm_image import _read_cpio
+from .test_vm_image import _read_cpio
 
 DRIVER = """static void ublk_abort_queue(void)
 {

@@ -10,7 +10,7 @@ from vm import initramfs, kernel_tree
 from vm.errors import SetupError
 from vm.paths import REPO
 
-from test_vm_image import _read_cpio
+from .test_vm_image import _read_cpio
 
 
 def test_a_directory_that_is_not_a_kernel_tree_is_refused_before_anything_starts(tmp_path):
