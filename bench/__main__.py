@@ -11,6 +11,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -24,6 +25,7 @@ from vm.paths import REPO
 from . import cases as cases_mod, report, runner, svg
 
 SCHEMA = 1
+SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")   # no "..", no "/", no leading dot
 
 
 def _note(msg):
@@ -196,8 +198,13 @@ def _chart(doc):
 
 def _pull_profile(g, run_dir: Path) -> dict:
     """The server's cProfile dumps (if it honours UBDSRV_PROFILE), pulled and summarised."""
-    r = g.exec(f"ls {runner.GUEST_DIR}/prof 2>/dev/null", timeout=30)
-    names = [n for n in r.stdout.split() if n]
+    # regular files only, by plain names: a guest must never make us write outside the run folder
+    r = g.exec(f"find {runner.GUEST_DIR}/prof -maxdepth 1 -type f -printf '%f\\n' 2>/dev/null",
+               timeout=30)
+    names = [n for n in r.stdout.splitlines() if n]
+    refused = [n for n in names if not SAFE_NAME.fullmatch(n)]
+    if refused:
+        raise BenchError(f"bench: profile: the guest listed files with unsafe names: {refused[:5]}")
     if not names:
         return {"files": [], "note": "bench: profile: no profile was written (expected cProfile dumps "
                                      f"under {runner.GUEST_DIR}/prof; see {runner.PROFILE_SITE})"}

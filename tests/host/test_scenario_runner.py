@@ -348,10 +348,12 @@ def test_power_cut_boots_again_checks_the_manifest_and_keeps_every_boots_dmesg(t
     dmesg = (tmp_path / "run/k/dmesg.txt").read_text()
     assert dmesg.index("boot one says hi") < dmesg.index("--- boot 2 of the case ---") < \
         dmesg.index("boot two says hi")
-    # the second boot's agent did the health check; the rebooted guest is not reused
+    # the second boot's agent did the health check, and serves the next case on the same guest
     assert ("kill_jobs", {}) in second.calls and ("kill_jobs", {}) not in first.calls
-    r.run_case(case(tmp_path))
-    assert len(boots) == 2
+    second.state = "DEAD"
+    assert r.run_case(case(tmp_path)).kind == PASSED
+    assert len(boots) == 1 and r.pool.agent is second
+    assert ("signal", {"pid": 4321, "signal": 9}) in second.calls
 
 
 def test_a_lost_acknowledged_file_fails_with_the_manifest_as_evidence(tmp_path, crash_runner):

@@ -28,7 +28,7 @@ RESET = f"rm -rf {WORK_DIR} && rm -f /var/log/ubdsrv/* && "
 BOOT_SETUP = (f"mkdir -p {WORK_DIR}/fio && modprobe ublk_drv && echo 1 > /proc/sys/kernel/sysrq && "
               # a hung ublk request shows up in dmesg as a hung task well before a case deadline
               "{ sysctl -qw kernel.hung_task_timeout_secs=60 2>/dev/null; true; }")
-# steps that boot the guest again: their cases need the data disk, and a fresh guest afterwards
+# steps that boot the guest again: their cases need the data disk
 MACHINE_STEPS = ("power_cut", "reboot")
 EVIDENCE = (f"cd {WORK_DIR} && {{ tail -v -n +1 /var/log/ubdsrv/*.log > server.log 2>/dev/null || "
             "echo '(no server log)' > server.log; }; tar czf /var/tmp/ubd-evidence.tgz server.log fio")
@@ -172,8 +172,8 @@ class Runner:
         if failure is not None:
             res.kind, res.message = failure.kind, failure.message
             res.expected, res.seen, res.evidence = failure.expected, failure.seen, failure.evidence
-        # a case that booted the guest again leaves a crashed or rebooted root: the next gets a fresh one
-        reusable = usable and failure is None and not ctx.boots
+        # a guest booted again by a step is as fresh as a new one (its root replayed its journal)
+        reusable = usable and failure is None
         self.pool.agent = ctx.agent
         for name, text in ctx.evidence.items():
             (case_dir / name).write_text(text)

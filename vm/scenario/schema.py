@@ -111,7 +111,8 @@ signal_number.expects = 'signal ("KILL", "TERM", 9)'
 # States the driver reports (UBLK_S_DEV_*), plus GONE: no longer listed (deleted).
 STATES = ("LIVE", "DEAD", "QUIESCED", "FAIL_IO", "GONE")
 NAME = r"[A-Za-z][A-Za-z0-9_-]{0,31}"
-abs_path = text(r"/[^\s'\"$`\\]*", "an absolute path without spaces or quotes")
+# Any absolute path: every step quotes what it puts into a shell command (test_step_quoting.py).
+abs_path = text(r"/[^\x00-\x1f]*", "an absolute path (no control characters)")
 
 
 def text_list(v):

@@ -77,7 +77,7 @@ def _ublk(ctx, step) -> Device:
 
 def _create_file(d: Device) -> str:
     f = shlex.quote(d.file)
-    return f"mkdir -p $(dirname {f}) && {{ [ -e {f} ] || truncate -s {d.size} {f}; }}"
+    return f"mkdir -p \"$(dirname {f})\" && {{ [ -e {f} ] || truncate -s {d.size} {f}; }}"
 
 
 # --- devices -------------------------------------------------------------------------------------
@@ -97,6 +97,8 @@ def step_add(ctx, step, timeout):
                           expected="state LIVE", seen=info.get("raw") or str(info),
                           evidence=["server.log"])
     ctx.daemon_pids[d.name] = info["daemon_pid"]
+    for key in [k for k in ctx.stopped if k[0] == d.name]:   # pids of an earlier server
+        del ctx.stopped[key]
     return f"/dev/ublkb{d.id} LIVE, daemon pid {info['daemon_pid']}"
 
 
@@ -158,6 +160,8 @@ def step_kill(ctx, step, timeout):
     stopped = ctx.stopped.get((d.name, q))
     pid = stopped[0] if stopped else _target_pid(ctx, d, q)
     _signal(ctx, d, pid, sig)
+    if sig == signal.SIGKILL:
+        ctx.stopped.pop((d.name, q), None)
     return f"sent {signal.Signals(sig).name} to pid {pid}"
 
 
@@ -330,27 +334,29 @@ def _manifest(d):
     device over the same file then checks what the ublk device wrote."""
     import os.path
     key = os.path.basename(d.file) if d.file else d.name
-    return f"{WORK_DIR}/{key}.sha256"
+    return shlex.quote(f"{WORK_DIR}/{key}.sha256")   # a shell word: file names may hold anything
 
 
 def step_mkfs(ctx, step, timeout):
     d = _ublk(ctx, step)
     tool = {"xfs": "mkfs.xfs -f -q", "ext4": "mkfs.ext4 -F -q", "ext2": "mkfs.ext2 -F -q"}
-    ctx.check(f"{tool[step.args['fs']]} {ctx.dev_path(d)}", timeout, f"mkfs.{step.args['fs']}")
+    ctx.check(f"{tool[step.args['fs']]} {shlex.quote(ctx.dev_path(d))}", timeout,
+              f"mkfs.{step.args['fs']}")
     return step.args["fs"]
 
 
 def step_mount(ctx, step, timeout):
     d = _ublk(ctx, step)
     opts = f"-o {step.args['options']} " if step.args["options"] else ""
-    ctx.check(f"mkdir -p {d.mountpoint} && mount {opts}{ctx.dev_path(d)} {d.mountpoint}",
+    mnt = shlex.quote(d.mountpoint)
+    ctx.check(f"mkdir -p {mnt} && mount {opts}{shlex.quote(ctx.dev_path(d))} {mnt}",
               timeout, f"mount {d.name}")
     return d.mountpoint
 
 
 def step_write_files(ctx, step, timeout):
     d, n, size = _ublk(ctx, step), step.args["count"], step.args["size"]
-    ctx.check(f"cd {d.mountpoint} && mkdir -p data && for i in $(seq 1 {n}); do "
+    ctx.check(f"cd {shlex.quote(d.mountpoint)} && mkdir -p data && for i in $(seq 1 {n}); do "
               f"head -c {size} /dev/urandom > data/f$i || exit 1; done && sync && "
               f"sha256sum data/* > {_manifest(d)}", timeout, f"write_files on {d.name}")
     return f"{n} x {size} bytes"
@@ -358,7 +364,7 @@ def step_write_files(ctx, step, timeout):
 
 def step_checksum(ctx, step, timeout):
     d = _ublk(ctx, step)
-    r = ctx.run(f"sync && echo 3 > /proc/sys/vm/drop_caches && cd {d.mountpoint} && "
+    r = ctx.run(f"sync && echo 3 > /proc/sys/vm/drop_caches && cd {shlex.quote(d.mountpoint)} && "
                 f"sha256sum -c --quiet {_manifest(d)}", timeout, f"checksum on {d.name}")
     if r["status"] != 0:
         raise StepFailure(EXPECTATION, f"data on {d.name} does not match what was written",
@@ -369,14 +375,14 @@ def step_checksum(ctx, step, timeout):
 
 def step_umount(ctx, step, timeout):
     d = _ublk(ctx, step)
-    ctx.check(f"umount {d.mountpoint}", timeout, f"umount {d.name}")
+    ctx.check(f"umount {shlex.quote(d.mountpoint)}", timeout, f"umount {d.name}")
     return "unmounted"
 
 
 def step_fsck(ctx, step, timeout):
     d = _ublk(ctx, step)
     tool = "xfs_repair -n" if step.args["fs"] == "xfs" else "e2fsck -fn"
-    r = ctx.run(f"{tool} {ctx.dev_path(d)}", timeout, f"fsck {d.name}")
+    r = ctx.run(f"{tool} {shlex.quote(ctx.dev_path(d))}", timeout, f"fsck {d.name}")
     if r["status"] != 0:
         raise StepFailure(EXPECTATION, f"the filesystem on {d.name} is not clean",
                           expected=f"`{tool}` exit 0", seen=_out(r), evidence=["dmesg.txt"])
