@@ -16,7 +16,7 @@ from pathlib import Path
 from . import flavours, image, ktap, options, selftests_build as build
 from .cli_guard import guarded
 from .errors import BenchError, GuestLost, KernelPanic, SetupError
-from .scenario import health, report
+from .scenario import baseline, health, kernel_info, report
 from .scenario.errors import (EXPECTATION, GUEST_LOST, PANIC, PASSED, SETUP, SKIPPED, SPLAT,
                               TIMEOUT)
 from .scenario.progress import Progress
@@ -32,6 +32,8 @@ PREPARE = ("modprobe ublk_drv && echo 1 > /proc/sys/kernel/sysrq && "
            "{ sysctl -qw kernel.hung_task_timeout_secs=60 2>/dev/null; true; }")
 DAEMON = "kublk"          # the suite's server: none may outlive its test
 NOT_NODES = "find /dev -maxdepth 1 -name 'ublk[bc]*' -type f"
+# known failures per flavour, apart from the scenarios' (their ids are scenario cases)
+BASELINE_DIR = baseline.BASELINE_DIR / "selftests"
 VERDICT = {ktap.PASS: PASSED, ktap.XFAIL: PASSED, ktap.SKIP: SKIPPED, ktap.FAIL: EXPECTATION,
            ktap.TIMEOUT: TIMEOUT}
 
@@ -247,6 +249,7 @@ def resolve(a, log):
 
 
 def run(a) -> int:
+    guest = options.values(a)   # refuses --flavour all: one kernel per run here
     if a.timeout <= 0:
         raise BenchError(f"--timeout must be a positive number of seconds, got {a.timeout:g}")
     source, install, tests = resolve(a, _note)
@@ -258,7 +261,7 @@ def run(a) -> int:
     run_dir = options.run_dir(a, "selftests-")
     run_dir.mkdir(parents=True, exist_ok=True)
     progress = Progress()
-    opts = RunOptions(guest=options.values(a))
+    opts = RunOptions(guest=guest)
     runner = SelftestRunner(opts, run_dir, install, a.timeout, progress)
     progress.note(f"running {len(tests)} ublk selftest(s) of {source.label}; results in {run_dir}")
     results, t0, interrupted = [], time.monotonic(), False
@@ -274,22 +277,30 @@ def run(a) -> int:
         progress.note("interrupted: stopping the guest")
     finally:
         runner.close()
+    accel = runner.pool.accel_used or a.accel
+    kernel = kernel_info.describe(guest, runner.release, accel)
+    # a tree has no baseline: what fails there is the developer's to see
+    known = baseline.Baseline(None, {}) if a.kernel_tree else baseline.load(a.flavour, BASELINE_DIR)
+    baseline.apply(results, known)
     meta = {"suite": f"{build.COLLECTION} selftests", "flavour": a.flavour,
-            "kernel_tree": str(a.kernel_tree or ""), "debug_kernel": a.kernel_debug,
-            "accel": runner.pool.accel_used or a.accel,
-            "kernel": {"release": runner.release, "debug": a.kernel_debug,
-                       "tree_describe": build.git_describe(a.kernel_tree) if a.kernel_tree else ""},
+            "kernel_tree": str(a.kernel_tree or ""), "debug_kernel": a.kernel_debug, "accel": accel,
+            "kernel": kernel, "baseline": str(known.path or ""),
             "selftests": {"source": source.label, "tree": str(source.tree), "note": source.note,
                           "installed": str(install), "per_test_timeout": a.timeout,
                           "selected": tests},
             "argv": sys.argv[1:], "wall_seconds": round(time.monotonic() - t0, 1),
             "interrupted": interrupted}
     report.write_json(run_dir, results, meta)
-    report.write_junit(run_dir, results, suite=f"{build.COLLECTION}-selftests")
+    report.write_junit(run_dir, results, suite=f"{build.COLLECTION}-selftests", kernel=kernel)
     if results:
-        print(report.summary(results, run_dir))
+        print(report.summary(results, run_dir, kernel, known.known))
     print(f"kernel {runner.release or '?'}; selftests of {source.label}; wall time "
           f"{time.monotonic() - t0:.1f} s")
+    if a.update_baseline and not interrupted:
+        if a.kernel_tree:
+            _note("--update-baseline: a kernel built from a tree has no baseline; nothing written")
+        else:
+            print(f"baseline written: {baseline.write(results, known)}")
     return 130 if interrupted else report.exit_status(results)
 
 
@@ -302,6 +313,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
                    help=f"per-test timeout given to the kernel's runner (default {DEFAULT_TIMEOUT:g})")
     p.add_argument("--list", action="store_true", help="build the suite, list the selected tests, stop")
+    p.add_argument("--update-baseline", action="store_true",
+                   help="write kernel/baselines/selftests/<flavour>.toml from this run's failures "
+                        "(reasons already written are kept)")
     return p
 
 

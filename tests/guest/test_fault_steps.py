@@ -3,7 +3,8 @@
 A scenario is worth what it catches: each broken server below is the repo's ubdsrv with one patch
 (the fault it guards against put back in), pushed instead of the real one (RunOptions.server_dir),
 and the scenario must go red for the right reason. The healthy server passes the same scenarios as
-pytest items of scenarios/ (tests/ runs those too)."""
+pytest items of scenarios/ (tests/ runs those too). The broken servers and the second kernel cost a
+guest each: they run nightly (`just nightly`)."""
 import shutil
 
 import pytest
@@ -76,7 +77,8 @@ CTRL = {
 }
 
 
-@pytest.mark.parametrize("flavour", CTRL)
+@pytest.mark.parametrize("flavour", [pytest.param(f, marks=[pytest.mark.nightly] if f != "cloud"
+                                                  else []) for f in CTRL])
 def test_update_size_and_quiesce_run_where_they_can_and_say_why_not(run, flavour):
     size_why, quiesce_why = CTRL[flavour]
     [size] = run(DATA / "ctrl_update_size.toml", flavour=flavour).values()
@@ -120,9 +122,9 @@ def broken_server(tmp_path):
     return make
 
 
+@pytest.mark.nightly
 def test_power_cut_catches_a_server_that_ignores_flush(run, broken_server):
-    [res] = run(SCENARIOS / "power_cut.toml", "dev=ubd",
-                server_dir=broken_server("ignores_flush")).values()
+    [res] = run(SCENARIOS / "power_cut.toml", server_dir=broken_server("ignores_flush")).values()
     assert res.kind == EXPECTATION, report.failure_text(res)
     # red after the cut: the filesystem gone (mkfs's own writes were never made durable), not
     # clean, or acknowledged files lost, depending on how much the data disk committed by itself
@@ -132,12 +134,14 @@ def test_power_cut_catches_a_server_that_ignores_flush(run, broken_server):
     assert (res.folder / "acked-ubd.txt").read_text().count("\n") > 0
 
 
+@pytest.mark.nightly
 def test_io_errors_catches_a_server_that_swallows_errors(run, broken_server):
     [res] = run(SCENARIOS / "io_errors.toml", server_dir=broken_server("swallows_errors")).values()
     assert res.kind == EXPECTATION, report.failure_text(res)
     assert res.message == "fio job fio5 saw no IO errors"
 
 
+@pytest.mark.nightly
 def test_kill_during_fetch_catches_a_cli_that_keeps_a_failed_device(run, broken_server):
     [res] = run(SCENARIOS / "kill_during_fetch.toml",
                 server_dir=broken_server("keeps_failed_device")).values()

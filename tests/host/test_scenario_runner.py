@@ -102,7 +102,7 @@ def make_runner(tmp_path, monkeypatch):
     def build(*agents):
         queue = list(agents)
 
-        def acquire(pool, data_disk=False):
+        def acquire(pool):
             if pool.guest is not None and pool.guest.is_alive():
                 return pool.guest, pool.agent, False
             boots.append(1)

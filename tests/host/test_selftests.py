@@ -309,3 +309,32 @@ def test_cli_bad_timeout(tmp_path):
     (tree / "drivers/block/ublk_drv.c").write_text("")
     r = _cli("--kernel-tree", str(tree), "--timeout", "0", tmp_path=tmp_path)
     assert r.returncode == 2 and "--timeout must be a positive number" in r.stderr
+
+
+# --- baselines: kernel/baselines/selftests/<flavour>.toml ---------------------------------------
+def test_a_listed_selftest_failure_is_expected_on_its_flavour_only(tmp_path):
+    from vm.scenario import baseline
+    (tmp_path / "cloud.toml").write_text('[[known]]\ncase = "ublk:test_loop_08.sh"\n'
+                                         'reason = "--io_desc_size is newer than 6.12"\n')
+
+    def results():
+        return [CaseResult(id="ublk:test_loop_08.sh", scenario="selftests", variant={}, description="",
+                           kind=EXPECTATION, message="the test failed (exit=255)"),
+                CaseResult(id="ublk:test_null_02.sh", scenario="selftests", variant={}, description="",
+                           kind=SKIPPED)]
+    on_cloud, on_backports = results(), results()
+    baseline.apply(on_cloud, baseline.load("cloud", tmp_path))
+    baseline.apply(on_backports, baseline.load("backports", tmp_path))
+    assert [r.verdict for r in on_cloud] == [baseline.EXPECTED, baseline.SKIP]
+    assert report.exit_status(on_cloud) == 0
+    assert [r.verdict for r in on_backports] == [baseline.REGRESSION, baseline.SKIP]
+    assert report.exit_status(on_backports) == 1
+
+
+def test_the_shipped_selftests_baselines_load_and_name_selftests():
+    import re
+    from vm.scenario import baseline
+    for name in flavours.load_all():
+        b = baseline.load(name, selftests.BASELINE_DIR)
+        bad = [c for c in b.known if not re.fullmatch(r"ublk:test_\w+\.sh", c)]
+        assert not bad, f"{b.path}: not ublk selftest ids: {bad}"

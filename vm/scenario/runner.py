@@ -12,7 +12,7 @@ from pathlib import Path
 from ..console import console_tail
 from ..device import find_splats
 from ..errors import BenchError, GuestLost, KernelPanic, SetupError
-from ..guest import DATA_DIR, Guest, GuestOptions
+from ..guest import Guest, GuestOptions
 from . import health, steps
 from .errors import EXPECTATION, GUEST_LOST, PANIC, PASSED, SETUP, SPLAT, TIMEOUT, StepFailure
 from .model import WORK_DIR, Case
@@ -28,8 +28,6 @@ RESET = f"rm -rf {WORK_DIR} && rm -f /var/log/ubdsrv/* && "
 BOOT_SETUP = (f"mkdir -p {WORK_DIR}/fio && modprobe ublk_drv && echo 1 > /proc/sys/kernel/sysrq && "
               # a hung ublk request shows up in dmesg as a hung task well before a case deadline
               "{ sysctl -qw kernel.hung_task_timeout_secs=60 2>/dev/null; true; }")
-# steps that boot the guest again: their cases need the data disk
-MACHINE_STEPS = ("power_cut", "reboot")
 EVIDENCE = (f"cd {WORK_DIR} && {{ tail -v -n +1 /var/log/ubdsrv/*.log > server.log 2>/dev/null || "
             "echo '(no server log)' > server.log; }; tar czf /var/tmp/ubd-evidence.tgz server.log fio")
 
@@ -55,18 +53,18 @@ class GuestPool:
         self.kernel_release = None   # `uname -r` of the guests' kernel (their image says it)
         self.starting = None   # the guest being booted: discard() from another thread stops it (-j)
 
-    def acquire(self, data_disk=False):
+    def acquire(self):
         """(guest, agent, fresh). Boot problems propagate (KernelPanic, BootTimeout, SetupError).
-        data_disk: the case needs the guest's data disk (vm/guest.py DATA_DIR)."""
-        if self.guest is not None and self.guest.is_alive() and \
-                (self.guest.opts.data_disk or not data_disk):
+        Every guest has the data disk (vm/guest.py DATA_DIR; about a second at boot): a case that
+        cuts the power can then run on the guest the case before left."""
+        if self.guest is not None and self.guest.is_alive():
             return self.guest, self.agent, False
         self.discard()
         self.booted += 1
         name = f"{self.opts.guest_prefix}guest-{self.booted}"
         o = self.opts
         self.last_dir = self.run_dir / "guests" / name
-        g = Guest(GuestOptions(**o.guest, run_dir=self.last_dir, data_disk=data_disk,
+        g = Guest(GuestOptions(**o.guest, run_dir=self.last_dir, data_disk=True,
                                server_dir=o.server_dir, boot_deadline=o.boot_deadline, log=self.note))
         self.starting = g
         try:
@@ -133,7 +131,7 @@ class Runner:
         """Runs the case into res; True when the failed guest is to be kept up (--keep)."""
         self.progress.phase("getting a guest")
         try:
-            guest, agent, fresh = self.pool.acquire(data_disk=needs_data_disk(case))
+            guest, agent, fresh = self.pool.acquire()
         except BenchError as e:
             kind = PANIC if isinstance(e, KernelPanic) else SETUP
             self._verdict(res, kind, f"could not start a guest: {e}",
@@ -348,9 +346,3 @@ def _read_from(path, offset) -> bytes:
             return f.read()
     except OSError:
         return b""
-
-
-def needs_data_disk(case) -> bool:
-    """A case that boots the guest again, or keeps a backing file on the data disk."""
-    return any(st.kind in MACHINE_STEPS for st in case.steps) or \
-        any((d.file or "").startswith(DATA_DIR + "/") for d in case.devices.values())
