@@ -10,15 +10,17 @@ kernel, ubd, ...) so that drift of a busy TCG host hits both sides alike; the re
 one queue. `iodepth` is per job. The kernel loop driver has one queue whatever `queues` says.
 
 Presets (see bench/README.md for the time budget behind them):
-- quick: the optimisation target (4k randread, iodepth 64, 2 queues) on both pairs and both engines.
+- quick: the optimisation target (4k randread, iodepth 64, 2 queues) on both pairs and both engines,
+  and with io_uring through USER_COPY (`usercopy`: the server's device added with `--usercopy`).
 - full: one-factor-at-a-time around a baseline (io_uring, 2 queues, iodepth 32) instead of the whole
   cross product, which would need ~1000 fio runs (hours under TCG):
     * every workload (4k randread/randwrite/randrw, 64k and 512k sequential read/write) at the baseline
     * 4k randread at iodepth 1 and 128 (io_uring, 2 queues)
     * 4k randread with 1 queue at iodepth 1 and 32 (io_uring)
     * 4k randread with libaio at iodepth 32 (2 queues)
-    * the optimisation target, 4k randread iodepth 64 2 queues, with io_uring and libaio
-  on both pairs (null and loop): 14 cases per pair, 28 cases, 56 measurements x 3 repeats = 168 fio
+    * the optimisation target, 4k randread iodepth 64 2 queues, with io_uring and libaio, and with
+      io_uring through USER_COPY
+  on both pairs (null and loop): 15 cases per pair, 30 cases, 60 measurements x 3 repeats = 180 fio
   runs of 0.5 + 2 s; each costs ~3.6 s in the guest (fio starts in ~1 s under TCG): ~11 min in all.
 - profile: the optimisation target on one pair, once, with the server under cProfile.
 """
@@ -46,21 +48,25 @@ class BenchCase:
     engine: str      # "io_uring" or "libaio"
     queues: int
     iodepth: int
+    usercopy: bool = False   # the server's device with UBLK_F_USER_COPY (the kernel side is the same)
 
     @property
     def id(self) -> str:
-        return f"{self.target}-{self.workload}-{self.engine}-q{self.queues}-d{self.iodepth}"
+        return f"{self.target}-{self.workload}-{self.engine}-q{self.queues}-d{self.iodepth}" + \
+            ("-usercopy" if self.usercopy else "")
 
     @property
     def label(self) -> str:
-        return f"{self.target} {self.workload} {self.engine} q{self.queues} d{self.iodepth}"
+        return f"{self.target} {self.workload} {self.engine} q{self.queues} d{self.iodepth}" + \
+            (" usercopy" if self.usercopy else "")
 
     def to_dict(self):
         return dict(asdict(self), id=self.id)
 
     @classmethod
     def from_dict(cls, d):
-        return cls(d["target"], d["workload"], d["engine"], int(d["queues"]), int(d["iodepth"]))
+        return cls(d["target"], d["workload"], d["engine"], int(d["queues"]), int(d["iodepth"]),
+                   bool(d.get("usercopy", False)))
 
 
 @dataclass(frozen=True)
@@ -89,8 +95,14 @@ def _unique(cases):
     return tuple(out)
 
 
+def usercopy_cases():
+    """The optimisation target through USER_COPY: against the same case by the mapped-buffer copy."""
+    return tuple(BenchCase(t, "randread-4k", "io_uring", 2, 64, usercopy=True) for t in TARGETS)
+
+
 def quick_cases():
-    return _unique(BenchCase(t, "randread-4k", e, 2, 64) for t in TARGETS for e in ENGINES)
+    return _unique([*(BenchCase(t, "randread-4k", e, 2, 64) for t in TARGETS for e in ENGINES),
+                    *usercopy_cases()])
 
 
 def full_cases():
@@ -101,7 +113,7 @@ def full_cases():
         out += [BenchCase(t, "randread-4k", "io_uring", 1, depth) for depth in (1, 32)]
         out += [BenchCase(t, "randread-4k", "libaio", 2, 32)]
         out += [BenchCase(t, "randread-4k", e, 2, 64) for e in ENGINES]
-    return _unique(out)
+    return _unique(out + list(usercopy_cases()))
 
 
 def preset(name, runtime=None, ramp=None, repeats=None) -> Preset:

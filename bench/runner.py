@@ -17,14 +17,21 @@ BACKING_FILE = "/var/tmp/ubd-bench.img"  # on the root ext4 (O_DIRECT needs a re
 BACKING_MIB = 512
 NULL_GIB = 250                           # null_blk's own default size (gb=250), for both sides
 UBD_ID = {"null": 0, "loop": 1}
+USERCOPY_ID = {"null": 2, "loop": 3}   # the same devices with --usercopy
 KERNEL_LOOP = device.Device(target="kernel_loop", file=BACKING_FILE)
 
 
-def ubd_device(target, queues) -> device.Device:
+def ubd_device(target, queues, usercopy=False) -> device.Device:
     """The server's device of a pair; queue depth and the rest are the vocabulary's defaults."""
+    n = (USERCOPY_ID if usercopy else UBD_ID)[target]
     if target == "null":
-        return device.Device(target="null", id=UBD_ID["null"], queues=queues, size=NULL_GIB << 30)
-    return device.Device(target="loop", id=UBD_ID["loop"], queues=queues, file=BACKING_FILE)
+        return device.Device(target="null", id=n, queues=queues, size=NULL_GIB << 30, usercopy=usercopy)
+    return device.Device(target="loop", id=n, queues=queues, file=BACKING_FILE, usercopy=usercopy)
+
+
+def ubd_side(usercopy) -> str:
+    """The side name of the server's device in a phase's device table."""
+    return "ubd-usercopy" if usercopy else "ubd"
 
 
 DEVICE_DEPTH = ubd_device("null", 1).depth   # also null_blk's hw_queue_depth: the pairs alike
@@ -42,7 +49,16 @@ def null_blk_params(queues):
 PROFILE_SITE = f"{GUEST_DIR}/prof-site"   # holds bench/guest_profile.py as sitecustomize.py
 
 
-def setup_script(queues, targets, profile=None) -> str:
+def _add_ubd(target, queues, usercopy, env) -> list:
+    d = ubd_device(target, queues, usercopy)
+    name = f"add-{target}{'-usercopy' if usercopy else ''}.txt"
+    return [f"{env}{device.add_command(d)} > {GUEST_DIR}/{name}",
+            f"test -b /dev/ublkb{d.id}",
+            f"echo \"@dev {target} {ubd_side(usercopy)} /dev/ublkb{d.id}\""]
+
+
+def setup_script(queues, targets, profile=None, usercopy=False) -> str:
+    """usercopy: also the server's devices with --usercopy, beside the plain ones."""
     nb = " ".join(f"{k}={v}" for k, v in null_blk_params(queues).items())
     env = f"UBDSRV_PROFILE={shlex.quote(profile)} PYTHONPATH={PROFILE_SITE} " if profile else ""
     lines = ["set -e",
@@ -58,9 +74,9 @@ def setup_script(queues, targets, profile=None) -> str:
         lines += [f"modprobe null_blk {nb}",
                   "test -b /dev/nullb0",
                   "echo \"@dev null kernel /dev/nullb0\"",
-                  f"{env}{device.add_command(ubd_device('null', queues))} > {GUEST_DIR}/add-null.txt",
-                  f"test -b /dev/ublkb{UBD_ID['null']}",
-                  f"echo \"@dev null ubd /dev/ublkb{UBD_ID['null']}\""]
+                  *_add_ubd("null", queues, False, env)]
+        if usercopy:
+            lines += _add_ubd("null", queues, True, env)
     if "loop" in targets:
         lines += [f"if [ \"$(stat -c %s {BACKING_FILE} 2>/dev/null)\" != {BACKING_MIB << 20} ]; then",
                   f"  rm -f {BACKING_FILE}",
@@ -70,9 +86,9 @@ def setup_script(queues, targets, profile=None) -> str:
                   f"L=$({device.add_command(KERNEL_LOOP)})",
                   "echo \"@dev loop kernel $L\"",
                   "echo \"@loopdio $(cat /sys/block/${L#/dev/}/loop/dio)\"",
-                  f"{env}{device.add_command(ubd_device('loop', queues))} > {GUEST_DIR}/add-loop.txt",
-                  f"test -b /dev/ublkb{UBD_ID['loop']}",
-                  f"echo \"@dev loop ubd /dev/ublkb{UBD_ID['loop']}\""]
+                  *_add_ubd("loop", queues, False, env)]
+        if usercopy:
+            lines += _add_ubd("loop", queues, True, env)
     lines += ["ublk list"]
     return "\n".join(lines) + "\n"
 
@@ -116,7 +132,7 @@ def plan_phase(preset: Preset, cases, devices, out_dir):
             sides = ("ubd", "kernel") if (rep + i) % 2 == 0 else ("kernel", "ubd")
             for side in sides:
                 rid = f"{c.id}.{side}.r{rep}"
-                dev = devices[(c.target, side)]
+                dev = devices[(c.target, ubd_side(c.usercopy) if side == "ubd" else side)]
                 runs.append((rid, fio_args(c, dev, f"{out_dir}/{rid}.json", preset.runtime, preset.ramp)))
                 meta[rid] = {"case": c.id, "side": side, "repeat": rep, "device": dev}
     return runs, meta
@@ -182,7 +198,7 @@ def _tail(path, n=300):
 def run_phase(g, preset, queues, cases, raw_dir: Path, clk_tck: int, log, profile=None):
     """Devices up, every run, files back, devices down. Returns (measurements, phase info)."""
     targets = sorted({c.target for c in cases})
-    r = g.exec(setup_script(queues, targets, profile), timeout=300)
+    r = g.exec(setup_script(queues, targets, profile, any(c.usercopy for c in cases)), timeout=300)
     info = {"queues": queues, "setup_stdout": r.stdout, "setup_stderr": r.stderr}
     if r.status != 0:
         raise PhaseError(f"device setup for {queues} queue(s) failed (exit {r.status}):\n"

@@ -60,6 +60,8 @@ UBLK = {
     "recovery_fail_io": Setting("flag", False, option="-e",
                                 doc="UBLK_F_USER_RECOVERY_FAIL_IO (needs recovery; kernel 6.13+)"),
     "need_get_data": Setting("flag", False, option="-g", doc="UBLK_F_NEED_GET_DATA"),
+    "usercopy": Setting("flag", False, option="--usercopy", bare=True,
+                        doc="UBLK_F_USER_COPY: data moves by pread/pwrite of /dev/ublkcN (kernel 6.5+)"),
     "id": Setting("int", None, 0, MAX_DEVICE_ID, option="-n",
                   doc="device number N (/dev/ublkbN); default: the next one free"),
 }
@@ -181,6 +183,7 @@ class Device:
     recovery_reissue: bool = UBLK["recovery_reissue"].default
     recovery_fail_io: bool = UBLK["recovery_fail_io"].default
     need_get_data: bool = UBLK["need_get_data"].default
+    usercopy: bool = UBLK["usercopy"].default
     options: dict = field(default_factory=dict)   # the target's own settings, by key
 
     @property

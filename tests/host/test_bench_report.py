@@ -1,6 +1,7 @@
 """The bench's host-side code with canned fio JSON: parsing, CPU deltas, medians and ratios, the table,
 --compare, the SVG chart, the case matrix and the guest script's files (no VM)."""
 import json
+from dataclasses import replace
 import subprocess
 import sys
 import time
@@ -215,15 +216,24 @@ def test_presets_cover_every_dimension():
     quick = cases.preset("quick")
     assert {c.target for c in quick.cases} == {"null", "loop"}
     assert all((c.workload, c.queues, c.iodepth) == ("randread-4k", 2, 64) for c in quick.cases)
-    assert quick.estimate_seconds() < 180 and full.estimate_seconds() < 15 * 60
+    # USER_COPY against the mapped-buffer copy: the same case both ways, on both pairs
+    for preset in (quick, full):
+        uc = [c for c in preset.cases if c.usercopy]
+        assert {c.target for c in uc} == set(cases.TARGETS)
+        assert all(replace(c, usercopy=False) in preset.cases for c in uc)
+    assert quick.estimate_seconds() < 240 and full.estimate_seconds() < 15 * 60
     assert cases.preset("quick", runtime=1, repeats=5).repeats == 5
 
 
 # --- runner -----------------------------------------------------------------------------------------
 def test_plan_interleaves_sides_and_repeats():
     p = cases.preset("quick", repeats=2)
-    devs = {(t, s): f"/dev/{t}-{s}" for t in cases.TARGETS for s in ("ubd", "kernel")}
+    devs = {(t, s): f"/dev/{t}-{s}" for t in cases.TARGETS for s in ("ubd", "ubd-usercopy", "kernel")}
     runs, meta = runner.plan_phase(p, p.cases, devs, "/out")
+    for c in p.cases:   # a usercopy case measures the --usercopy device against the same kernel one
+        got = {meta[r]["side"]: meta[r]["device"] for r in meta if meta[r]["case"] == c.id}
+        assert got == {"ubd": f"/dev/{c.target}-{runner.ubd_side(c.usercopy)}",
+                       "kernel": f"/dev/{c.target}-kernel"}
     assert len(runs) == p.runs()
     order = [(meta[r]["case"], meta[r]["side"]) for r, _ in runs]
     assert order[0] == (p.cases[0].id, "ubd") and order[1] == (p.cases[0].id, "kernel")
@@ -257,6 +267,12 @@ def test_bench_devices_are_the_vocabularys():
     assert "ublk add -t null -n 0 -q 2 -d 128 " in script and f"-s {250 << 30}" in script
     assert f"ublk add -t loop -n 1 -q 2 -d 128 -f {runner.BACKING_FILE}" in script
     assert f"L=$(losetup --direct-io=on -f --show {runner.BACKING_FILE})" in script
+    assert "--usercopy" not in script
+    uc = runner.setup_script(2, ["null", "loop"], usercopy=True)
+    assert "ublk add -t null -n 2 -q 2 -d 128 --usercopy " in uc and "@dev null ubd-usercopy /dev/ublkb2" in uc
+    assert f"ublk add -t loop -n 3 -q 2 -d 128 --usercopy -f {runner.BACKING_FILE}" in uc
+    assert runner.parse_devices("@dev loop ubd-usercopy /dev/ublkb3")[0] == \
+        {("loop", "ubd-usercopy"): "/dev/ublkb3"}
     # one queue depth for both sides, the vocabulary's default, deep enough for every case
     depth = runner.null_blk_params(2)["hw_queue_depth"]
     assert depth == runner.ubd_device("loop", 1).depth == device.UBLK["depth"].default

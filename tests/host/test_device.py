@@ -44,9 +44,11 @@ def test_queue_depth_has_one_host_default_and_the_servers_bound():
 
 def test_every_ublk_setting_is_an_add_option_of_the_server():
     server = {f"-{o.short}": o for o in server_cli.ADD_OPTIONS if o.short}
+    server.update({f"--{o.name}": o for o in server_cli.ADD_OPTIONS})
     for key, s in device.UBLK.items():
         assert s.option in server, key
-        assert server[s.option].kind == "int", key     # -q 2, -g 1: numbers, as ublksrv reads them
+        # -q 2, -g 1: numbers, as ublksrv reads them; a bare option (--usercopy) is the server's flag
+        assert server[s.option].kind == ("flag" if s.bare else "int"), key
 
 
 def test_add_command_of_each_target():
