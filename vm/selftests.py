@@ -210,14 +210,15 @@ class SelftestRunner:
             if clean:
                 add_problem(res, EXPECTATION, f"health: {DAEMON} daemons left: "
                                               + "; ".join(left.splitlines())[:300])
-        # a path the test wrote to after its device was gone is a file, not a device node
+        # a path the test wrote to after its device was gone is a file, not a device node: noted and
+        # removed before the health check, which would count it as a device left behind
         files = agent.call("run", timeout=30, cmd=NOT_NODES).get("stdout", "").split()
-        h = health.check(agent, mark, taint0, steps_passed=clean)
-        (case_dir / "dmesg.txt").write_text("\n".join(h.dmesg) + "\n")
         if files:
             agent.call("run", timeout=30, cmd="rm -f " + " ".join(files))
             res.problems.append(f"not device nodes but regular files: {' '.join(files)} (a writer, "
                                 "e.g. fio, opened the path after the device was deleted)")
+        h = health.check(agent, mark, taint0, steps_passed=clean)
+        (case_dir / "dmesg.txt").write_text("\n".join(h.dmesg) + "\n")
         for kind, message in h.problems:
             add_problem(res, kind, message)
         if h.splat_lines:

@@ -5,28 +5,14 @@ import re
 
 import pytest
 
-BAD_DMESG = re.compile(r"BUG:|WARNING:|Oops|hung task|soft lockup|KASAN|UBSAN|refcount_t")
+from .ublk_guest import checked, sh
 
-
-def sh(g, script, timeout=300, ok=True):
-    r = g.exec(script, timeout=timeout)
-    if ok:
-        assert r.status == 0, f"status {r.status}\n--- script\n{script}\n--- stdout\n{r.stdout}\n--- stderr\n{r.stderr}"
-    return r
 
 
 @pytest.fixture
 def g(guest):
-    """The shared guest with ublk_drv loaded; afterwards: devices deleted, dmesg clean."""
-    sh(guest, "modprobe ublk_drv && test -c /dev/ublk-control")
-    before = int(sh(guest, "dmesg | wc -l").stdout)
-    yield guest
-    left = guest.exec("timeout 120 ublk del -a; ls /dev/ublkb* /dev/ublkc* 2>/dev/null; "
-                      "rm -f /root/ubd-*.img", timeout=180)
-    new = sh(guest, f"dmesg | tail -n +{before + 1}").stdout
-    bad = [line for line in new.splitlines() if BAD_DMESG.search(line)]
-    assert not bad, "dmesg:\n" + "\n".join(bad)
-    assert "/dev/ublk" not in left.stdout, f"devices left behind: {left.stdout}"
+    """The shared guest with ublk_drv loaded; afterwards: no device, no server, dmesg clean."""
+    yield from checked(guest)
 
 
 def parse_list(text):

@@ -10,32 +10,18 @@ import pytest
 
 from ubdsrv.targets.fault import _unit
 
-BAD_DMESG = re.compile(r"BUG:|WARNING:|Oops|hung task|soft lockup|KASAN|UBSAN|refcount_t")
+from .ublk_guest import checked, sh, splats
+
 # 6.12 warns when io_uring cancels the FETCH commands of a queue whose tags were not all fetched:
 # ublk_uring_cmd_cancel_fn checks the task against ubq->ubq_daemon, which 6.12 sets only once every tag
 # of the queue fetched. That is the very case --die_during_fetch exists for; 7.x does not warn.
 KNOWN_612_WARNING = re.compile(r"WARNING: .* at drivers/block/ublk_drv\.c:\d+ ublk_ch_uring_cmd\b")
 
 
-def sh(g, script, timeout=300, ok=True):
-    r = g.exec(script, timeout=timeout)
-    if ok:
-        assert r.status == 0, f"status {r.status}\n--- script\n{script}\n--- stdout\n{r.stdout}\n--- stderr\n{r.stderr}"
-    return r
-
-
 @pytest.fixture
 def g(guest):
-    sh(guest, "modprobe ublk_drv && test -c /dev/ublk-control")
-    before = int(sh(guest, "dmesg | wc -l").stdout)
-    yield guest
-    left = guest.exec("timeout 150 ublk del -a; ls /dev/ublkb* /dev/ublkc* 2>/dev/null; "
-                      "pgrep -f '[-]m ubdsrv' | sed 's/^/server left: /'; rm -f /root/ubd-*.img",
-                      timeout=200)
-    new = sh(guest, f"dmesg | tail -n +{before + 1}").stdout
-    bad = [line for line in new.splitlines() if BAD_DMESG.search(line)]
-    assert not bad, "dmesg:\n" + "\n".join(bad)
-    assert "/dev/ublk" not in left.stdout and "server left" not in left.stdout, left.stdout
+    """The shared guest with ublk_drv loaded; afterwards: no device, no server, dmesg clean."""
+    yield from checked(guest)
 
 
 def fio_json(text):
@@ -146,8 +132,6 @@ def test_server_dying_during_fetch_fails_add_cleanly(fresh_guest):
         assert "dev id" not in left.stdout and int(left.stdout.strip().splitlines()[-1]) >= 1, left.stdout
         # the id is free again at once
         sh(g, "ublk add -t null -n 0 -s 64M >/dev/null && ublk del -n 0")
-    bad = [line for line in sh(g, "dmesg").stdout.splitlines() if BAD_DMESG.search(line)]
-    if release.startswith("6.12."):
-        bad = [line for line in bad if not KNOWN_612_WARNING.search(line)]
+    bad = splats(sh(g, "dmesg").stdout, KNOWN_612_WARNING if release.startswith("6.12.") else None)
     assert not bad, f"dmesg ({release}):\n" + "\n".join(bad)
     assert "unloaded" in sh(g, "modprobe -r ublk_drv && echo unloaded").stdout

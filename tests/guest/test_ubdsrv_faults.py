@@ -3,7 +3,7 @@ hanging; with `-r 1 -i 1` it goes QUIESCED, `ublk recover` brings it back LIVE a
 spanning the kill passes."""
 import re
 
-BAD_DMESG = re.compile(r"BUG:|WARNING:|Oops|hung task|soft lockup|KASAN|UBSAN|refcount_t")
+from .ublk_guest import splats
 
 # shell helpers: fields by position, as existing scripts read `ublk list`; never signal an unchecked pid
 HELPERS = r"""
@@ -43,7 +43,7 @@ def check_clean(g):
     # '[-]m ubdsrv' matches the servers' argv but not this shell's own command line
     r = g.exec("ls /dev/ublkb* /dev/ublkc* 2>/dev/null; pgrep -f '[-]m ubdsrv' | sed 's/^/server left: /'; "
                "modprobe -r ublk_drv && echo unloaded; dmesg", timeout=120)
-    bad = [line for line in r.stdout.splitlines() if BAD_DMESG.search(line)]
+    bad = splats(r.stdout)
     assert not bad, "dmesg:\n" + "\n".join(bad)
     assert "/dev/ublk" not in r.stdout and "server left" not in r.stdout, r.stdout[-3000:]
     assert "unloaded" in r.stdout, r.stdout[-3000:]

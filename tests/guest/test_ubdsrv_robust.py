@@ -9,7 +9,8 @@ import pytest
 
 from vm.guest import GUEST_UBD_DIR
 
-BAD_DMESG = re.compile(r"BUG:|WARNING:|Oops|hung task|soft lockup|KASAN|UBSAN|refcount_t")
+from .ublk_guest import checked, sh
+
 # include/linux/sched.h (6.12): PR_SET_IO_FLUSHER sets PF_MEMALLOC_NOIO | PF_LOCAL_THROTTLE
 PF_MEMALLOC_NOIO = 0x00080000
 PF_LOCAL_THROTTLE = 0x00100000
@@ -17,25 +18,10 @@ PF_LOCAL_THROTTLE = 0x00100000
 VERIFY_FAILURE = re.compile(r"verify: bad|bad magic|verify failed|crc32c: verify|bad header", re.I)
 
 
-def sh(g, script, timeout=300, ok=True):
-    r = g.exec("set -u\n" + script, timeout=timeout)
-    if ok:
-        assert r.status == 0, f"status {r.status}\n--- script\n{script}\n--- stdout\n{r.stdout}\n--- stderr\n{r.stderr}"
-    return r
-
-
 @pytest.fixture
 def g(guest):
-    """The shared guest with ublk_drv loaded; afterwards: devices deleted, no server left, dmesg clean."""
-    sh(guest, "modprobe ublk_drv && test -c /dev/ublk-control")
-    before = int(sh(guest, "dmesg | wc -l").stdout)
-    yield guest
-    left = guest.exec("timeout 120 ublk del -a; ls /dev/ublkb* /dev/ublkc* 2>/dev/null; "
-                      "pgrep -f '[-]m ubdsrv' | sed 's/^/server left: /'; rm -f /root/ubd-*.img", timeout=180)
-    new = sh(guest, f"dmesg | tail -n +{before + 1}").stdout
-    bad = [line for line in new.splitlines() if BAD_DMESG.search(line)]
-    assert not bad, "dmesg:\n" + "\n".join(bad)
-    assert "/dev/ublk" not in left.stdout and "server left" not in left.stdout, left.stdout
+    """The shared guest with ublk_drv loaded; afterwards: no device, no server, dmesg clean."""
+    yield from checked(guest)
 
 
 def server_pids(g, dev_id):

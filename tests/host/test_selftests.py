@@ -338,3 +338,33 @@ def test_the_shipped_selftests_baselines_load_and_name_selftests():
         b = baseline.load(name, selftests.BASELINE_DIR)
         bad = [c for c in b.known if not re.fullmatch(r"ublk:test_\w+\.sh", c)]
         assert not bad, f"{b.path}: not ublk selftest ids: {bad}"
+
+
+# --- the health check after a test ---------------------------------------------------------------
+class FileLeavingGuest:
+    """An agent whose test left regular files where its devices were (fio opened /dev/ublkbN after the
+    device was deleted), and nothing else."""
+    def __init__(self):
+        self.files = {"/dev/ublkb0", "/dev/ublkb1"}
+
+    def call(self, verb, timeout, cmd="", **kw):
+        if verb == "run" and cmd == selftests.NOT_NODES:
+            return {"status": 0, "stdout": "\n".join(sorted(self.files))}
+        if verb == "run" and cmd.startswith("rm -f "):
+            self.files -= set(cmd.split()[2:])
+        if verb == "snapshot":   # the agent lists /dev/ublk[bc]* paths, whatever they are
+            return {"mounts": [], "devices": sorted(self.files), "loops": [], "servers": [], "tainted": 0}
+        if verb == "kmsg_since":
+            return {"lines": []}
+        return {"status": 0, "stdout": ""}
+
+
+def test_files_a_test_left_at_device_paths_are_noted_not_counted_as_devices_left(tmp_path):
+    agent = FileLeavingGuest()
+    res = CaseResult(id="ublk:test_stress_01.sh", scenario="selftests", variant={}, description="",
+                     kind=PASSED)
+    runner = type("R", (), {"progress": type("P", (), {"phase": lambda self, what: None})()})()
+    reusable = selftests.SelftestRunner._health(runner, res, agent, tmp_path, 0, 0)
+    assert res.kind == PASSED and reusable and not agent.files
+    assert res.problems == ["not device nodes but regular files: /dev/ublkb0 /dev/ublkb1 (a writer, "
+                            "e.g. fio, opened the path after the device was deleted)"]
