@@ -1,5 +1,7 @@
 """Host commands: `python -m vm exec|shell|image|bench-boot` (the justfile's recipes call these)."""
 import argparse
+import dataclasses
+import os
 import statistics
 import subprocess
 import sys
@@ -62,20 +64,46 @@ def cmd_image(a) -> int:
     return 0
 
 
-def cmd_bench_boot(a) -> int:
-    """Cold boots (fresh overlay each time) from QEMU start to the first SSH command answered."""
-    image.ensure(a.flavour, log=_note, profile=a.profile_image)
-    times = []
-    for i in range(a.boots):
+def _boot_times(a, cold: bool, rounds: int) -> tuple:
+    """Seconds from QEMU's start to the first SSH command answered, over `rounds` guests started
+    warm (restored: vm/warm.py) or cold. A warm round that booted cold instead (the saved state
+    was missing, or the restore failed) is said and not counted. Returns (times, accelerator)."""
+    what = "cold" if cold else "warm"
+    times, tries = [], 0
+    while len(times) < rounds:
+        tries += 1
+        if tries > rounds + 2:
+            raise BenchError(f"bench-boot: {len(times)} of {rounds} {what} starts were warm after "
+                             f"{tries - 1} tries; see the log above for why")
         with tempfile.TemporaryDirectory(prefix="ubd-bootbench-") as tmp:
-            kept = a.results / f"boot-{i + 1}" if a.results else Path(tmp)
-            with Guest(_guest_opts(a, run_dir=kept, push_server=False)) as g:
+            kept = a.results / f"{what}-{tries}" if a.results else Path(tmp)
+            opts = dataclasses.replace(_guest_opts(a, run_dir=kept, push_server=False), cold=cold)
+            with Guest(opts) as g:
                 g.exec("true", timeout=30, check=True)
                 took = time.monotonic() - g.machine.started_at
+                if not cold and g.machine.restored_from is None:
+                    _note(f"{what} {tries}: booted cold ({took:.2f} s), not counted")
+                    continue
                 times.append(took)
-                _note(f"boot {i + 1}/{a.boots}: {took:.2f} s to SSH-ready ({g.accel})")
-    print(f"cold boot to SSH-ready over {len(times)} boots ({g.accel}, {a.cpus} vCPU, {a.memory}): "
-          f"min {min(times):.2f} s, median {statistics.median(times):.2f} s, max {max(times):.2f} s")
+                accel = g.accel
+                _note(f"{what} {len(times)}/{rounds}: {took:.2f} s to SSH-ready ({g.accel})")
+    return times, accel
+
+
+def cmd_bench_boot(a) -> int:
+    """Warm starts and cold boots (fresh overlays each time), side by side: seconds from QEMU's
+    start to the first SSH command answered. --cold: the cold boots only."""
+    if a.boots < 1:
+        raise BenchError(f"bench-boot: --boots must be 1 or more, got {a.boots}")
+    img = image.ensure(a.flavour, log=_note, profile=a.profile_image)
+    modes = (True,) if a.cold else (False, True)
+    results = {cold: _boot_times(a, cold, a.boots) for cold in modes}
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"boot to SSH-ready, {a.boots} rounds each ({a.flavour}, {img.kernel_release}, "
+          f"{a.cpus} vCPU, {a.memory}, {results[True][1]}; host load average {load}):")
+    for cold, (times, _) in results.items():
+        print(f"  {'cold' if cold else 'warm'}: min {min(times):.2f} s, median "
+              f"{statistics.median(times):.2f} s, max {max(times):.2f} s")
     return 0
 
 
@@ -99,7 +127,8 @@ def _parser():
     sp.add_argument("--prune", action="store_true",
                     help="remove cached images that no current recipe uses (older recipes, dead builds)")
     sp.set_defaults(fn=cmd_image)
-    sp = sub.add_parser("bench-boot", help="cold boot time: min / median / max over several boots")
+    sp = sub.add_parser("bench-boot", help="warm start and cold boot times side by side: min / "
+                                          "median / max over several rounds each")
     options.add_arguments(sp)
     sp.add_argument("--boots", type=int, default=5)
     sp.set_defaults(fn=cmd_bench_boot)

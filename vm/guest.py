@@ -4,14 +4,19 @@ scenario engine work with.
 Machine-level acts live here too: power_cut() pulls the plug (QEMU killed mid-IO), reboot() is a
 clean reboot, and boot_again() boots the same disks once more and reconnects. A guest started with
 data_disk=True has a second disk mounted at DATA_DIR whose flushes reach the host (see
-machine.DATA_DISK_CACHE): what must survive a power cut lives there."""
+machine.DATA_DISK_CACHE): what must survive a power cut lives there.
+
+Unless opts.cold, a guest starts warm: restored from the state the first cold boot of its image and
+machine shape saved (vm/warm.py), its clock set and its CRNG reseeded from the host. A restore that
+fails or does not answer SSH in time falls back to a cold boot."""
+import os
 import shlex
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import image as image_mod, kernel_tree, options
+from . import image as image_mod, kernel_tree, options, warm
 from .errors import BootTimeout, GuestLost, KernelPanic, SetupError
 from .machine import Machine
 from .paths import UBDSRV_DIR
@@ -47,6 +52,7 @@ class GuestOptions:
     data_disk: bool = False     # a second disk at DATA_DIR that survives power cuts
     server_dir: Path = None     # push this ubdsrv tree instead of the repo's (tests of broken servers)
     image: object = None        # boot this prepared Image instead (a mutant's driver: vm/mutants.py)
+    cold: bool = options.default("cold")   # never restore a saved guest (vm/warm.py)
     log: object = field(default=print, repr=False)
 
 
@@ -57,6 +63,8 @@ class Guest:
         self.session = None
         self._tmp = None
         self.boot_seconds = None
+        self._warm_target = None   # the warm.State this guest's image and shape would use
+        self._waiting_for = self.boot_deadline()
 
     # --- lifecycle -------------------------------------------------------------------------------
     def __enter__(self):
@@ -79,6 +87,10 @@ class Guest:
         if run_dir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="ubd-guest-")
             run_dir = Path(self._tmp.name)
+        plan = self._warm_plan(img, Path(run_dir))
+        if plan.state is not None and self._restore(img, Path(run_dir), plan.state):
+            self._after_boot(first=True)
+            return
         for attempt in range(1, BOOT_ATTEMPTS_TCG + 1):
             try:
                 self._boot(img, Path(run_dir))
@@ -94,22 +106,104 @@ class Guest:
                 o.log(f"guest: kernel panicked during boot under TCG (console kept in {kept}); "
                       "booting again")
         self.boot_seconds = time.monotonic() - self.machine.started_at
+        if plan.save_after_boot:
+            self._save_warm_state()
         self._after_boot(first=True)
 
-    def _boot(self, img, run_dir: Path):
+    def _machine(self, img, run_dir: Path) -> Machine:
         o = self.opts
-        self.machine = Machine(img, run_dir, cpus=o.cpus, memory=o.memory, accel=o.accel,
-                               append=o.append, log=o.log, data_disk=o.data_disk)
+        return Machine(img, run_dir, cpus=o.cpus, memory=o.memory, accel=o.accel, append=o.append,
+                       log=o.log, data_disk=o.data_disk)
+
+    def _boot(self, img, run_dir: Path):
+        self.machine = self._machine(img, run_dir)
         self.machine.start()
         self._connect()
 
-    def _connect(self):
+    # --- warm start (vm/warm.py) -----------------------------------------------------------------
+    def _warm_plan(self, img, run_dir: Path) -> warm.Decision:
+        o = self.opts
+        prepared = o.image is not None
+        state = None
+        if not (o.cold or prepared):
+            probe = self._machine(img, run_dir)   # for the key only; never started
+            try:
+                state = probe.warm_state()
+            finally:
+                probe.kill()
+        plan = warm.decide(o.cold, prepared, state)
+        if plan.state is None and not o.cold:
+            warm.say_once(o.log, f"warm start: {plan.why_cold}")
+        self._warm_target = state
+        return plan
+
+    def _restore(self, img, run_dir: Path, state: warm.State) -> bool:
+        """Starts the guest from state; False (said once, everything undone) when that fails."""
+        self.machine = self._machine(img, run_dir)
+        try:
+            self.machine.start(restore=state)
+            self._connect(deadline=self.machine.started_at + self.restore_deadline(), console=False)
+            self._fix_after_restore()
+        except Exception as e:   # whatever it was (QEMU, QMP, SSH, qemu-img): a cold boot follows
+            why = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            warm.say_once(self.opts.log, f"warm start: restoring {state.dir} failed ({why}); "
+                                         "cold boot instead")
+            if self.session is not None:
+                self.session.close()
+                self.session = None
+            log = self.machine.console_log
+            if log.exists():
+                log.replace(log.with_name("console.restore-failed.log"))
+            self.machine.kill()
+            return False
+        self.boot_seconds = time.monotonic() - self.machine.started_at
+        return True
+
+    def _fix_after_restore(self):
+        """The wall clock stopped at save time, and every guest restored from one state would draw
+        the same random numbers: set the clock, credit host bytes and reseed the CRNG."""
+        r = self.exec(warm.after_restore_command(time.time()), stdin=os.urandom(warm.RESEED_BYTES),
+                      timeout=30)
+        if not r.ok:
+            raise SetupError(f"setting the clock and reseeding after the restore failed: "
+                             f"{(r.stderr or r.stdout).strip()[-300:]}")
+
+    def _save_warm_state(self):
+        """Saves this freshly booted guest for the next guests, then lets it run on."""
+        state, o, m = self._warm_target, self.opts, self.machine
+        with warm.SaveLock(state) as mine:
+            if not mine or state.complete():
+                return   # another run saves (or saved) it
+            meta = {"image": str(m.image.dir), "flavour": m.image.flavour,
+                    "kernel_release": m.image.kernel_release, "cpus": m.cpus, "memory": m.memory,
+                    "accel": m.accel, "data_disk": m.data_disk is not None, "append": m.extra_append}
+            self.session.close()
+            self.session = None
+            t0 = time.monotonic()
+            try:
+                saved = warm.save(m, state, meta)
+            except Exception as e:   # only the next guests lose: this one runs on
+                warm.say_once(o.log, f"warm start: saving the guest failed ({type(e).__name__}: "
+                                     f"{e}); later guests boot cold")
+                saved = False
+            self._connect(deadline=time.monotonic() + self.boot_deadline(), console=False)
+            self._fix_after_restore()
+            if saved:
+                o.log(f"warm start: saved the booted guest in {state.dir} "
+                      f"({time.monotonic() - t0:.1f} s); later guests start from it")
+
+    def _connect(self, deadline=None, console=True):
         img = self.machine.image
         self.session = Session("127.0.0.1", self.machine.port, img.client_key, img.host_key_pub)
-        deadline = self.machine.started_at + self.boot_deadline()
-        self._wait_for_sshd(deadline)
-        wait_ready(self.session, deadline, self.machine.alive,
-                   self._boot_failure)
+        if deadline is None:
+            deadline = self.machine.started_at + self.boot_deadline()
+        self._waiting_for = deadline - self.machine.started_at   # for the timeout's message
+        if console:
+            self._wait_for_sshd(deadline)
+        else:   # a restored guest's sshd listens already: nothing new on the console
+            self.machine.wait_running(deadline)
+        wait_ready(self.session, deadline, self.machine.alive, self._boot_failure,
+                   **({} if console else {"attempt_seconds": warm.CONNECT_SECONDS}))
 
     def _after_boot(self, first):
         if self.opts.data_disk:
@@ -153,6 +247,10 @@ class Guest:
         o = self.opts
         return o.boot_deadline * (DEBUG_KERNEL_BOOT_FACTOR if o.kernel_tree and o.kernel_debug else 1)
 
+    def restore_deadline(self) -> float:
+        debug = self.opts.kernel_tree and self.opts.kernel_debug
+        return min(self.boot_deadline(), warm.RESTORE_DEADLINE * (DEBUG_KERNEL_BOOT_FACTOR if debug else 1))
+
     def _wait_for_sshd(self, deadline):
         """Waits for sshd's "listening" line on the console. Connecting earlier costs seconds: QEMU
         accepts the TCP connection while the guest's network is still down and the banner never comes."""
@@ -171,7 +269,7 @@ class Guest:
             err = self.machine.stderr_path.read_text(errors="replace").strip()
             return GuestLost(f"QEMU exited while the guest booted ({err or 'no error printed'}); "
                              f"console tail:\n{tail}", tail)
-        return BootTimeout(f"the guest did not answer SSH within {self.boot_deadline():g} s "
+        return BootTimeout(f"the guest did not answer SSH within {self._waiting_for:.0f} s "
                            f"(last error: {last_error}); console tail:\n{tail}", tail)
 
     def stop(self):

@@ -5,7 +5,10 @@ QEMU gets PR_SET_PDEATHSIG so it dies with us even on SIGKILL, and an atexit hoo
 
 A Machine may boot more than once on the same disks: power_cut() (SIGKILL, the disks kept) or a
 guest reboot (QEMU exits, -no-reboot) followed by start(fresh=False). Each boot appends to the one
-console log; `boot_offset` is where the current boot's console output begins."""
+console log; `boot_offset` is where the current boot's console output begins.
+
+start(restore=state) starts QEMU from a saved guest (vm/warm.py) instead of booting: the guest's
+own overlay is then over the state's root.qcow2. A later start(fresh=False) boots those disks cold."""
 import atexit
 import ctypes
 import shutil
@@ -15,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import accel as accel_probe
+from . import accel as accel_probe, warm
 from .console import console_tail, shows_panic
 from .errors import SetupError
 from .image import Image
@@ -69,6 +72,7 @@ class Machine:
         self.started_at = None
         self.boot_offset = 0   # console log offset where the current boot began
         self.boots = 0
+        self.restored_from = None   # the warm.State of the first start, when it was a restore
 
     # --- start -----------------------------------------------------------------------------------
     def _choose_accel(self, qemu) -> str:
@@ -94,6 +98,8 @@ class Machine:
         return [qemu, "-name", "ubd-guest", "-M", "pc", *accel, "-smp", str(self.cpus),
                 "-m", str(self.memory), "-nodefaults", "-no-user-config", "-display", "none",
                 "-no-reboot",  # a panic (panic=-1) or reboot ends QEMU: we see it at once
+                # a new generation ID on each restore: the guest kernel reseeds its CRNG (vm/warm.py)
+                "-device", "vmgenid",
                 "-kernel", str(self.image.kernel), "-initrd", str(self.image.initrd), "-append", append,
                 "-drive", f"file={self.overlay},if=virtio,format=qcow2,cache=unsafe,discard=unmap",
                 *data,
@@ -103,21 +109,52 @@ class Machine:
                 "-serial", "chardev:console",
                 "-qmp", f"unix:{self.qmp_path},server=on,wait=off"]
 
-    def start(self, fresh=True):
-        """Boots QEMU. fresh=False boots the disks of the previous boot again (after power_cut()
-        or a guest reboot): the overlay and data disk are kept, the console log goes on."""
+    def _qemu(self) -> str:
         qemu = shutil.which(QEMU)
         if not qemu:
             raise SetupError(f"{QEMU} is not installed: run vm/setup.sh (or `just setup`)")
+        if self.accel is None:
+            self.accel = self._choose_accel(qemu)
+        return qemu
+
+    def warm_state(self) -> warm.State:
+        """Where a saved guest of this image and machine shape is (it may not exist yet)."""
+        qemu = self._qemu()
+        port, self.port = self.port, "PORT"
+        try:
+            argv = self._cmdline(qemu)
+        finally:
+            self.port = port
+        mine = {str(p): name for p, name in ((self.overlay, "OVERLAY"), (self.data_disk, "DATA"),
+                                             (self.console_log, "CONSOLE"), (self.qmp_path, "QMP"))
+                if p is not None}
+        shape = []
+        for arg in argv:
+            for path, name in mine.items():
+                arg = arg.replace(path, name)
+            shape.append(arg)
+        key = warm.state_key(shape, [self.image.kernel, self.image.initrd, self.image.rootfs],
+                             warm.qemu_version(qemu))
+        return warm.state_for(self.image.dir, key)
+
+    def start(self, fresh=True, restore: warm.State = None):
+        """Boots QEMU. fresh=False boots the disks of the previous boot again (after power_cut()
+        or a guest reboot): the overlay and data disk are kept, the console log goes on.
+        restore: start from this saved guest instead of booting (fresh only)."""
+        qemu = self._qemu()
         if self.alive():
             raise SetupError("internal: Machine.start() while QEMU still runs")
+        if restore is not None and not fresh:
+            raise SetupError("internal: a restore needs fresh disks")
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        if fresh or self.accel is None:
-            self.accel = self._choose_accel(qemu)
         if fresh:
-            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b",
-                            str(self.image.rootfs), str(self.overlay)], check=True)
-            self.console_log.write_bytes(b"")
+            base, fmt = (restore.root, "qcow2") if restore else (self.image.rootfs, "raw")
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", fmt, "-b",
+                            str(base), str(self.overlay)], check=True)
+            self.restored_from = restore
+            self.console_log.write_bytes(
+                f"[ubd-bench: restored from {restore.dir}; its boot's console is "
+                f"{restore.console}]\n".encode() if restore else b"")
             if self.data_disk:
                 with open(self.data_disk, "wb") as f:   # sparse; the guest formats it
                     f.truncate(DATA_DISK_SIZE)
@@ -129,7 +166,8 @@ class Machine:
             self.boot_offset = self._console_size()
             self.stderr_path = self.run_dir / "qemu.stderr"
             with open(self.stderr_path, "wb") as err:
-                self.proc = subprocess.Popen(self._cmdline(qemu), stdin=subprocess.DEVNULL,
+                incoming = ["-incoming", restore.incoming_uri()] if restore else []
+                self.proc = subprocess.Popen(self._cmdline(qemu) + incoming, stdin=subprocess.DEVNULL,
                                              stdout=err, stderr=err, preexec_fn=_die_with_parent)
             _live.add(self)
             self.started_at = time.monotonic()
@@ -143,7 +181,8 @@ class Machine:
         else:
             raise SetupError(f"QEMU could not forward SSH from a free port after 3 tries: {err}")
         how = "KVM" if self.accel == "kvm" else "TCG (software emulation; KVM is not usable here)"
-        self.log(f"guest: QEMU pid {self.proc.pid} running under {how}, ssh on 127.0.0.1:{self.port}")
+        what = f"restored from {restore.dir.name}" if restore else "running"
+        self.log(f"guest: QEMU pid {self.proc.pid} {what} under {how}, ssh on 127.0.0.1:{self.port}")
 
     # --- state -----------------------------------------------------------------------------------
     def _console_size(self) -> int:
@@ -182,6 +221,31 @@ class Machine:
             return True
         except subprocess.TimeoutExpired:
             return False
+
+    def wait_running(self, deadline) -> bool:
+        """Waits (QMP) until the guest runs: a restore has loaded its state. Connecting earlier
+        costs seconds: user networking accepts at once, but its SYN to a guest that does not run
+        yet is lost and resent only after a retransmission timeout."""
+        from qemu.qmp.legacy import QEMUMonitorProtocol
+        qmp = None
+        try:
+            while self.alive() and time.monotonic() < deadline:
+                try:
+                    if qmp is None:
+                        qmp = QEMUMonitorProtocol(str(self.qmp_path))
+                        qmp.connect()
+                    r = qmp.cmd_obj({"execute": "query-status"})
+                    if r.get("return", {}).get("running"):
+                        return True
+                except Exception:   # no socket yet, or the greeting did not come (qemu.qmp's errors)
+                    if qmp is not None:
+                        qmp.close()
+                    qmp = None
+                time.sleep(0.02)
+            return False
+        finally:
+            if qmp is not None:
+                qmp.close()
 
     # --- stop ------------------------------------------------------------------------------------
     def qmp_quit(self) -> bool:

@@ -93,6 +93,9 @@ GUEST = (
     Option("profile_image", "--profile-image", "UBD_PROFILE_IMAGE", False,
            "boot the flavour's `profile` image: linux-perf installed, kernel symbols and perf events "
            "open to root (vm/image.py)", switch=True),
+    Option("cold", "--cold", "UBD_COLD", False,
+           "boot every guest cold: do not restore the booted guest saved after the first cold boot "
+           "of this image and machine shape (vm/warm.py)", switch=True),
     Option("results", "--results", "UBD_RESULTS", None,
            "the run's folder (default: a new one under $UBD_RESULTS, itself default results/; "
            "for `vm exec` and `vm shell` a temporary one)",
@@ -113,8 +116,13 @@ def _shard(text: str) -> tuple:
     return shard.parse(text)
 
 
-# How a scenario run is spread: `python -m vm.scenario` (run, run-all, run-matrix). The pytest
-# route has xdist's `-n N` for jobs and scenarios/conftest.py's --shard (the same parse).
+def _target(text: str):
+    from .scenario import target
+    return target.parse(text)
+
+
+# How and where a scenario run is spread: `python -m vm.scenario` (run, run-all, run-matrix). The
+# pytest route has xdist's `-n N` for jobs and scenarios/conftest.py's --shard (the same parse).
 RUN = (
     Option("jobs", "--jobs", "UBD_JOBS", 1,
            "guests at once, each with its own overlay, port and folder", _jobs, metavar="N",
@@ -122,6 +130,16 @@ RUN = (
     Option("shard", "--shard", "UBD_SHARD", None,
            "run only share I of N of the cases (by a hash of the case id: stable when scenarios "
            "are added)", _shard, metavar="I/N", guest=False),
+    Option("target", "--target", "UBD_TARGET", None,
+           "run on this existing machine instead of booting guests: ssh://USER@HOST[:PORT] or "
+           "vagrant[:NAME]; its kernel must have ublk, its host key must be in --known-hosts",
+           _target, metavar="URL", guest=False),
+    Option("target_identity", "--target-identity", "UBD_TARGET_IDENTITY", None,
+           "with --target: log in with this private key too (besides the ssh agent and ~/.ssh/id_*)",
+           Path, metavar="FILE", guest=False),
+    Option("known_hosts", "--known-hosts", "UBD_KNOWN_HOSTS", "~/.ssh/known_hosts",
+           "with --target: the known_hosts file that must hold the target's host key", Path,
+           metavar="FILE", guest=False),
 )
 
 
@@ -161,7 +179,7 @@ def add_arguments(parser, only=None):
 
 
 def add_run_arguments(parser):
-    """-j N and --shard I/N, for the scenario front ends."""
+    """-j N, --shard I/N, --target URL (and its key options), for the scenario front ends."""
     g = parser.add_argument_group("run options")
     for o, (flag, kw) in zip(RUN, _specs(table=RUN)):
         g.add_argument(*([o.short] if o.short else []), flag, **kw)

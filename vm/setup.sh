@@ -10,6 +10,7 @@ declare -A need=(
   [qemu-system-x86_64]=qemu-system-x86 [qemu-img]=qemu-utils [mmdebstrap]=mmdebstrap
   [mkfs.ext4]=e2fsprogs [chroot]=coreutils [ssh]=openssh-client
   [vagrant]=vagrant   # only `vagrant validate` of the Vagrantfile, in the host tests
+  [gcc]=build-essential   # only the static stand-in for sudo of tests/guest/test_ssh_target.py
 )
 missing=()
 for cmd in "${!need[@]}"; do

@@ -183,9 +183,12 @@ def _quote(s):
     return "'" + s.replace("'", "'\\''") + "'"
 
 
-def wait_ready(session: Session, deadline: float, alive, on_fail):
+def wait_ready(session: Session, deadline: float, alive, on_fail,
+               attempt_seconds=CONNECT_ATTEMPT_SECONDS):
     """Connects, retrying through the resets and banner errors of a booting guest, until deadline
-    (monotonic). alive() false → on_fail('exited') is raised; deadline passed → on_fail('timeout')."""
+    (monotonic). alive() false → on_fail('exited') is raised; deadline passed → on_fail('timeout').
+    attempt_seconds: how long one attempt waits for the banner (longer for a restored guest:
+    vm/warm.py CONNECT_SECONDS)."""
     last = None
     while True:
         if not alive():
@@ -193,7 +196,7 @@ def wait_ready(session: Session, deadline: float, alive, on_fail):
         if time.monotonic() > deadline:
             raise on_fail("timeout", last)
         try:
-            session.connect(timeout=CONNECT_ATTEMPT_SECONDS)
+            session.connect(timeout=max(0.5, min(attempt_seconds, deadline - time.monotonic())))
             return
         except paramiko.BadHostKeyException:
             raise

@@ -53,7 +53,8 @@ def test_boot_panic_under_tcg_is_retried_once_and_kept(monkeypatch, tmp_path):
         return argv
 
     monkeypatch.setattr(machine.Machine, "_cmdline", first_boot_panics)
-    with Guest(GuestOptions(run_dir=tmp_path, push_server=False, accel="tcg")) as g:
+    # cold: a restore (vm/warm.py) would not boot the kernel at all
+    with Guest(GuestOptions(run_dir=tmp_path, push_server=False, accel="tcg", cold=True)) as g:
         assert g.exec("echo up", timeout=30).stdout == "up\n"
     assert len(calls) == 2
     assert "Kernel panic" in (tmp_path / "console.boot-panic-1.log").read_text(errors="replace")

@@ -10,7 +10,7 @@ from pathlib import Path
 from .. import flavours, options
 from ..cli_guard import raise_interrupt
 from ..errors import BenchError
-from . import baseline, catalog, kernel_info, loader, matrix, report, shard
+from . import baseline, catalog, kernel_info, loader, matrix, report, shard, target as remote
 from .errors import SETUP
 from .parallel import Workers
 from .progress import Progress
@@ -76,6 +76,8 @@ def targets(a) -> list:
     """The kernels of a run: one (the options as given), or for `run-matrix` and `--flavour all`
     every flavour of kernel/flavours.toml, plus the --kernel-tree (on the default flavour's root)."""
     base = {o.dest: getattr(a, o.dest) for o in options.GUEST if o.guest}
+    if a.target:   # the machine's own kernel: no flavour, no baseline
+        return [Target("target", dict(base, flavour="target", kernel_tree=None, kernel_debug=False))]
     if a.cmd != "run-matrix" and a.flavour != options.ALL_FLAVOURS:
         return [Target(a.flavour, base, None if a.kernel_tree else a.flavour)]
     out = [Target(f, dict(base, flavour=f, kernel_tree=None, kernel_debug=False), f)
@@ -108,10 +110,14 @@ def run_target(cases, a, target: Target, run_dir: Path) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     planned = [(c, r if a.repeat > 1 else None) for c in cases for r in range(1, a.repeat + 1)]
     runners, t0 = [], time.monotonic()
+    machine = None
+    if a.target:   # connected (host key checked, machine checked) before any case: exit 2 if not
+        machine = remote.RemoteMachine(a.target, run_dir, a.known_hosts, a.target_identity)
+        machine.connect()
 
     def make_runner(k=None):
         parallel_run = a.jobs > 1
-        opts = RunOptions(guest=target.guest, keep=a.keep,
+        opts = RunOptions(guest=target.guest, keep=a.keep, target=machine,
                           guest_prefix=f"w{k}-" if parallel_run else "")
         # several cases at once: plain lines, each naming its case, instead of one live display
         runners.append(Runner(opts, run_dir, Progress(live=False) if parallel_run else Progress()))
@@ -166,6 +172,7 @@ def _finish(runners, results, run_dir, a, target, t0, interrupted=False) -> int:
             "debug_kernel": target.guest["kernel_debug"], "accel": accel, "kernel": kernel,
             "baseline": str(known.path or ""), "jobs": a.jobs,
             "shard": f"{a.shard[0]}/{a.shard[1]}" if a.shard else "", "argv": sys.argv[1:],
+            "target": a.target.text if getattr(a, "target", None) else "",
             "wall_seconds": round(time.monotonic() - t0, 1), "interrupted": interrupted}
     report.write_json(run_dir, results, meta)
     report.write_junit(run_dir, results, kernel=kernel)
@@ -217,6 +224,20 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_target(a):
+    """--target runs on one machine with its own kernel: what needs several, or other kernels, is
+    refused before anything starts."""
+    if not a.target:
+        return
+    clash = ("-j N (one machine is one machine)" if a.jobs > 1 else
+             "run-matrix (one kernel: the machine's)" if a.cmd == "run-matrix" else
+             "--flavour all (one kernel: the machine's)" if a.flavour == options.ALL_FLAVOURS else
+             "--kernel-tree (the machine boots its own kernel)" if a.kernel_tree else
+             "--update-baseline (baselines are the flavours')" if a.update_baseline else "")
+    if clash:
+        raise BenchError(f"--target {a.target.text}: not with {clash}")
+
+
 def main(argv=None) -> int:
     a = parser().parse_args(argv)
     signal.signal(signal.SIGTERM, raise_interrupt)   # unwinds like Ctrl-C: every guest is stopped
@@ -234,6 +255,7 @@ def main(argv=None) -> int:
             raise BenchError("--repeat must be at least 1")
         if a.keep and a.jobs > 1:
             raise BenchError("--keep holds one failed guest for you to log in: use it with -j 1")
+        check_target(a)
         return run_cases(select_cases(a), a)
     except BenchError as e:
         _err(f"error: {e}")

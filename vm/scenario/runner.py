@@ -14,11 +14,12 @@ from ..device import find_splats
 from ..errors import BenchError, GuestLost, KernelPanic, SetupError
 from ..guest import Guest, GuestOptions
 from . import health, steps
-from .errors import EXPECTATION, GUEST_LOST, PANIC, PASSED, SETUP, SPLAT, TIMEOUT, StepFailure
+from .errors import EXPECTATION, GUEST_LOST, PANIC, PASSED, SETUP, SKIPPED, SPLAT, TIMEOUT, StepFailure
 from .model import WORK_DIR, Case
 from .progress import Progress
 from .result import CaseResult
 from .session import AgentClient, AgentStuck
+from .target import NotApplicable
 
 # When a case has several problems, the verdict names the most serious.
 SEVERITY = (PANIC, GUEST_LOST, SPLAT, TIMEOUT, EXPECTATION, SETUP)
@@ -39,6 +40,7 @@ class RunOptions:
     boot_deadline: float = 120.0
     server_dir: Path = None   # push this ubdsrv tree instead of the repo's (tests of broken servers)
     guest_prefix: str = ""    # "w2-": parallel runners (-j, xdist) in one run folder name guests apart
+    target: object = None     # a target.RemoteMachine: run there instead of booting guests (--target)
 
 
 class GuestPool:
@@ -63,9 +65,10 @@ class GuestPool:
         self.booted += 1
         name = f"{self.opts.guest_prefix}guest-{self.booted}"
         o = self.opts
-        self.last_dir = self.run_dir / "guests" / name
-        g = Guest(GuestOptions(**o.guest, run_dir=self.last_dir, data_disk=True,
-                               server_dir=o.server_dir, boot_deadline=o.boot_deadline, log=self.note))
+        self.last_dir = None if o.target else self.run_dir / "guests" / name
+        g = o.target or Guest(GuestOptions(**o.guest, run_dir=self.last_dir, data_disk=True,
+                                           server_dir=o.server_dir, boot_deadline=o.boot_deadline,
+                                           log=self.note))
         self.starting = g
         try:
             g.start()
@@ -80,8 +83,12 @@ class GuestPool:
         self.accel_used = g.accel
         self.kernel_release = g.machine.image.kernel_release
         self.guest, self.agent = g, agent
-        self.note(f"{name}: up in {g.boot_seconds:.1f} s ({g.accel})")
+        self.note(f"{g.name}: up in {g.boot_seconds:.1f} s ({g.accel})")
         return g, agent, True
+
+    def not_applicable(self, case) -> str:
+        """Why the case cannot run where this pool runs cases ("": it can; a guest runs them all)."""
+        return self.opts.target.not_applicable(case) if self.opts.target else ""
 
     def discard(self):
         if self.starting is not None:   # Ctrl-C under -j: a worker's guest still booting
@@ -92,7 +99,10 @@ class GuestPool:
             self.guest.stop()
         self.guest = self.agent = None
 
-    close = discard
+    def close(self):
+        self.discard()
+        if self.opts.target:   # connected before the first case, even if none ran there
+            self.opts.target.stop()
 
 
 class Runner:
@@ -118,6 +128,8 @@ class Runner:
         t0 = time.monotonic()
         try:
             keep = self._run(case, res, case_dir)
+            if self.opts.target:
+                self.opts.target.case_done(res)
         finally:
             res.duration = time.monotonic() - t0
             self.progress.case_done(res)
@@ -131,7 +143,13 @@ class Runner:
         """Runs the case into res; True when the failed guest is to be kept up (--keep)."""
         self.progress.phase("getting a guest")
         try:
+            why = self.pool.not_applicable(case)
+            if why:
+                raise NotApplicable(why)
             guest, agent, fresh = self.pool.acquire()
+        except NotApplicable as e:
+            res.kind, res.message = SKIPPED, str(e)
+            return False
         except BenchError as e:
             kind = PANIC if isinstance(e, KernelPanic) else SETUP
             self._verdict(res, kind, f"could not start a guest: {e}",
