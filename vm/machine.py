@@ -152,9 +152,12 @@ class Machine:
             subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", fmt, "-b",
                             str(base), str(self.overlay)], check=True)
             self.restored_from = restore
+            # a restored guest's log starts with the saved guest's boot, so that it reads like any
+            # guest's (kernel version, boot messages); what this QEMU adds comes after boot_offset
+            saved = restore.console.read_bytes() if restore and restore.console.is_file() else b""
             self.console_log.write_bytes(
-                f"[ubd-bench: restored from {restore.dir}; its boot's console is "
-                f"{restore.console}]\n".encode() if restore else b"")
+                saved + f"[ubd-bench: the boot above is the saved guest's; restored from "
+                f"{restore.dir}]\n".encode() if restore else b"")
             if self.data_disk:
                 with open(self.data_disk, "wb") as f:   # sparse; the guest formats it
                     f.truncate(DATA_DISK_SIZE)

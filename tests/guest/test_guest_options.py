@@ -11,33 +11,15 @@ import pytest
 
 from vm.paths import REPO
 
+from .ublk_guest import NULL_FIO_SCENARIO
+
 pytestmark = pytest.mark.guest
 
-SCENARIO = """\
-description = "a null device: add, one second of fio, delete"
-
-[devices.ubd]
-target = "null"
-size = "64M"
-
-[[steps]]
-do = "add"
-device = "ubd"
-
-[[steps]]
-do = "fio"
-device = "ubd"
-runtime = 1
-
-[[steps]]
-do = "delete"
-device = "ubd"
-"""
 
 
 def test_ubd_flavour_backports_boots_the_7x_kernel_for_a_scenario_run(tmp_path):
     scenario = tmp_path / "flavour_probe.toml"
-    scenario.write_text(SCENARIO)
+    scenario.write_text(NULL_FIO_SCENARIO)
     out = tmp_path / "run"
     # only the flavour comes from the environment; a kernel tree would replace its kernel
     env = {k: v for k, v in os.environ.items() if k not in ("UBD_KERNEL_TREE", "UBD_KERNEL_DEBUG")}

@@ -12,6 +12,8 @@ import pytest
 
 from vm.paths import REPO
 
+from .ublk_guest import NULL_FIO_SCENARIO
+
 pytestmark = pytest.mark.guest
 PUSHED = ("/opt/ubd/ubdsrv", "/opt/ubd/scenario/agent.py")   # the server and the agent
 
@@ -196,22 +198,6 @@ Host default
   LogLevel FATAL
 END
 """
-TINY = """description = "a null device under a short fio, deleted"
-[devices.ubd]
-target = "null"
-size = "64M"
-[[steps]]
-do = "add"
-device = "ubd"
-[[steps]]
-do = "fio"
-device = "ubd"
-job = "short"
-runtime = 2
-[[steps]]
-do = "delete"
-device = "ubd"
-"""
 
 
 @pytest.fixture
@@ -246,7 +232,7 @@ def test_vagrant_target_with_a_non_root_user(machine, tester):
     _remove_pushed(g)
     wrapper = g.exec("cat /usr/local/bin/ublk && rm /usr/local/bin/ublk", timeout=30,
                      check=True).stdout   # a machine without the bench's `ublk` gets it
-    (tmp / "tiny.toml").write_text(TINY)
+    (tmp / "tiny.toml").write_text(NULL_FIO_SCENARIO)
     out = tmp / "vagrant-run"
     env = {k: v for k, v in os.environ.items() if not k.startswith("UBD_TARGET")}
     env["PATH"] = f"{tester}:{env['PATH']}"

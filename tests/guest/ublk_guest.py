@@ -1,7 +1,26 @@
-"""What the server's guest tests share: a shell step that fails with its whole context, and the
+"""What the guest tests share: a shell step that fails with its whole context, and the
 clean-guest check around each test (ublk_drv loaded before; after: every device deleted, no server
-process left, no kernel complaint in the test's part of dmesg, as vm/device.py defines one)."""
+process left, no kernel complaint in the test's part of dmesg, as vm/device.py defines one), and the
+smallest scenario that drives the driver."""
 from vm.device import find_splats
+
+# The smallest scenario that drives the driver: a null device, two seconds of fio (job "short"), delete.
+NULL_FIO_SCENARIO = """description = "a null device under a short fio, deleted"
+[devices.ubd]
+target = "null"
+size = "64M"
+[[steps]]
+do = "add"
+device = "ubd"
+[[steps]]
+do = "fio"
+device = "ubd"
+job = "short"
+runtime = 2
+[[steps]]
+do = "delete"
+device = "ubd"
+"""
 
 
 def sh(g, script, timeout=300, ok=True):
