@@ -56,6 +56,13 @@ class GuestOptions:
     log: object = field(default=print, repr=False)
 
 
+
+def install_server(machine, server_dir=None):
+    """Installs ubdsrv/ (or server_dir) as GUEST_UBD_DIR/ubdsrv on a guest or a target (anything with
+    exec and push), replacing what an earlier push left."""
+    machine.exec(f"rm -rf {GUEST_UBD_DIR}/ubdsrv", timeout=30, check=True)
+    machine.push(server_dir or UBDSRV_DIR, f"{GUEST_UBD_DIR}/ubdsrv")
+
 class Guest:
     def __init__(self, opts: GuestOptions = None):
         self.opts = opts or GuestOptions()
@@ -319,10 +326,8 @@ class Guest:
         self.session.pull(remote, Path(local))
 
     def push_server(self):
-        """Installs the current ubdsrv/ (or opts.server_dir) as /opt/ubd/ubdsrv (the `ublk` wrapper
-        is in the image)."""
-        self.exec(f"rm -rf {GUEST_UBD_DIR}/ubdsrv", timeout=30, check=True)
-        self.push(self.opts.server_dir or UBDSRV_DIR, f"{GUEST_UBD_DIR}/ubdsrv")
+        """Installs the current ubdsrv/ (or opts.server_dir); the `ublk` wrapper is in the image."""
+        install_server(self, self.opts.server_dir)
 
     def ssh_argv(self) -> list:
         """OpenSSH command line for this guest, pinned to the image's host key like the bench is."""

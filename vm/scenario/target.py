@@ -18,8 +18,8 @@ from urllib.parse import urlsplit
 import paramiko
 
 from ..errors import BenchError, SetupError
-from ..guest import DATA_DIR, GUEST_UBD_DIR
-from ..paths import GUESTFS_DIR, UBDSRV_DIR
+from ..guest import DATA_DIR, install_server
+from ..paths import GUESTFS_DIR
 from ..ssh import Session
 from .errors import GUEST_LOST, PANIC, SPLAT
 from .health import decode_taint
@@ -343,8 +343,7 @@ class RemoteMachine:
         self.push_server()
 
     def push_server(self):
-        self.exec(f"rm -rf {GUEST_UBD_DIR}/ubdsrv", timeout=30, check=True)
-        self.push(self.server_dir or UBDSRV_DIR, f"{GUEST_UBD_DIR}/ubdsrv")
+        install_server(self, self.server_dir)
         r = self.exec(f"cat {WRAPPER_REMOTE} 2>/dev/null", timeout=30)
         if r.ok and WRAPPER_MARK not in r.stdout:
             raise SetupError(f"target {self.where}: {WRAPPER_REMOTE} is another `ublk` (not the "
