@@ -169,8 +169,8 @@ class Guest:
     def _fix_after_restore(self):
         """The wall clock stopped at save time, and every guest restored from one state would draw
         the same random numbers: set the clock, credit host bytes and reseed the CRNG."""
-        r = self.exec(warm.after_restore_command(time.time()), stdin=os.urandom(warm.RESEED_BYTES),
-                      timeout=30)
+        r = self.exec(warm.after_restore_command(time.time(), os.urandom(warm.RESEED_BYTES)),
+                      timeout=30, kill_in_guest=False)
         if not r.ok:
             raise SetupError(f"setting the clock and reseeding after the restore failed: "
                              f"{(r.stderr or r.stdout).strip()[-300:]}")

@@ -156,10 +156,43 @@ def test_say_once(monkeypatch):
     assert said == ["warm start: no saved state", "warm start: another reason"]
 
 
-def test_after_restore_command_sets_the_clock_and_reseeds():
-    cmd = warm.after_restore_command(1700000000.25)
-    assert "date -s @1700000000.250" in cmd
-    assert warm.VMGENID_DEVICES in cmd and "cat > /dev/urandom" in cmd and "0x5207" in cmd
+@pytest.mark.parametrize("shell", ["bash", "dash"])
+@pytest.mark.parametrize("vmgenid", [True, False])
+def test_after_restore_command_sets_the_clock_writes_the_seed_and_reseeds(tmp_path, monkeypatch,
+                                                                           shell, vmgenid):
+    """Runs the command in a host shell, with `date` and `python3` replaced by recorders and the
+    vmgenid device folder faked: the clock is set to the host's time, every seed byte reaches
+    /dev/urandom through printf, and python3 (the explicit reseed) runs only without vmgenid."""
+    import shutil
+    import subprocess
+    if shutil.which(shell) is None:
+        pytest.skip(f"{shell} is not installed on this host")
+    bin_dir, calls = tmp_path / "bin", tmp_path / "calls"
+    bin_dir.mkdir()
+    for prog in ("date", "python3"):
+        (bin_dir / prog).write_text(f'#!/bin/sh\necho "{prog} $*" >> {calls}\n')
+        (bin_dir / prog).chmod(0o755)
+    drivers = tmp_path / "vmgenid"
+    drivers.mkdir()
+    if vmgenid:
+        (drivers / "QEMUVGID:00").mkdir()
+    monkeypatch.setattr(warm, "VMGENID_DEVICES", f"{drivers}/*:*")
+    seed = bytes(range(256))[::-1]
+    cmd = warm.after_restore_command(1700000000.25, seed)
+    # the seed as printf writes it: /dev/urandom swapped for a file to read it back
+    written = tmp_path / "urandom"
+    assert cmd.count("> /dev/urandom") == 1
+    r = subprocess.run([shell, "-c", cmd.replace("> /dev/urandom", f"> {written}")],
+                       env={"PATH": f"{bin_dir}:/usr/bin:/bin"}, capture_output=True)
+    assert r.returncode == 0, r.stderr
+    assert written.read_bytes() == seed
+    lines = calls.read_text().splitlines()
+    assert lines[0] == "date -s @1700000000.250"
+    if vmgenid:
+        assert lines == lines[:1]
+    else:
+        assert lines[1].startswith("python3 -S -c ") and lines[1].endswith(seed.hex())
+        assert "0x5207" in lines[1] and len(lines) == 2
 
 
 def test_cold_on_every_front_end(clean_env):
