@@ -134,6 +134,7 @@ TARGETS = {t.name: t for t in (
            options={"buffered_io": BUFFERED_IO}),
     Target("fault", "null or loop (base) with injected delays and errors, a stuck tag, a dying "
                     "server", FAULT, file=True, file_when=ON_LOOP),
+    Target("mem", "a RAM disk in the server's memory; its data is gone when the server exits"),
     Target("kernel_loop", "the kernel's loop driver (losetup --direct-io=on), to compare with",
            file=True, ublk=False),
 )}

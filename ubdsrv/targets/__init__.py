@@ -2,9 +2,10 @@
 from .base import QUEUED, TGT_IO, Target, TargetError
 from .fault import FaultTarget
 from .loop import LoopTarget
+from .mem import MemTarget
 from .null import NullTarget
 
-TARGETS = {t.name: t for t in (NullTarget, LoopTarget, FaultTarget)}
+TARGETS = {t.name: t for t in (NullTarget, LoopTarget, FaultTarget, MemTarget)}
 
 
 def get(name):
