@@ -48,6 +48,10 @@ MAX_DEVICE_ID = 1023
 SIZE = Setting("size", 256 << 20, 4096, 1 << 40, option="-s",
                doc="device size; a file-backed target's backing file size (created sparse if absent)")
 FILE = Setting("path", option="-f", doc="backing file; created (sparse, `size`) if absent")
+# Not a `ublk add` option: written to the disk's queue/scheduler once it is up (scheduler_command).
+SCHEDULER = Setting("choice", None, choices=("none", "mq-deadline", "kyber", "bfq"),
+                    doc="the disk's I/O scheduler, set once it is up; default: the kernel's "
+                        "(mq-deadline with one queue, none with more)")
 
 # Settings of every ublk target (not of kernel_loop).
 UBLK = {
@@ -88,6 +92,7 @@ class Target:
         if self.ublk:
             out.update(UBLK)
         out.update(self.options)
+        out["scheduler"] = SCHEDULER
         return out
 
 
@@ -185,6 +190,7 @@ class Device:
     recovery_fail_io: bool = UBLK["recovery_fail_io"].default
     need_get_data: bool = UBLK["need_get_data"].default
     usercopy: bool = UBLK["usercopy"].default
+    scheduler: Optional[str] = SCHEDULER.default
     options: dict = field(default_factory=dict)   # the target's own settings, by key
 
     @property
@@ -219,10 +225,21 @@ def add_command(d: Device) -> str:
     return shlex.join(args)
 
 
+def scheduler_command(d: Device, dev_path: str) -> str:
+    """The shell command that gives the disk at dev_path the device's I/O scheduler and checks that
+    the kernel took it (sysfs shows the one in use in brackets); "" when the kernel's default stays."""
+    if d.scheduler is None:
+        return ""
+    sysfs = f"/sys/block/{shlex.quote(dev_path.rsplit('/', 1)[-1])}/queue/scheduler"
+    return f"echo {d.scheduler} > {sysfs} && grep -qF '[{d.scheduler}]' {sysfs}"
+
+
+# The line a WARNING or BUG report opens with; the line after it says what happened.
+CUT_HERE = re.compile(r"------------\[ cut here \]")
 # One pattern per kind of kernel complaint, matched against kernel log lines.
 SPLATS = {
     "BUG": re.compile(r"\bBUG:|kernel BUG at"),
-    "WARNING": re.compile(r"\bWARNING:|------------\[ cut here \]"),
+    "WARNING": re.compile(r"\bWARNING:|" + CUT_HERE.pattern),
     "Oops": re.compile(r"\bOops\b|general protection fault"),
     "hung task": re.compile(r"blocked for more than \d+ seconds"),
     "soft lockup": re.compile(r"soft lockup|hard LOCKUP"),
@@ -244,3 +261,8 @@ def find_splats(lines) -> list:
                 hits.append((kind, line.strip()))
                 break
     return hits
+
+
+def headline(splats) -> str:
+    """The line to quote of find_splats' hits: the first that says what happened, not a marker."""
+    return next((line for _, line in splats if not CUT_HERE.search(line)), splats[0][1])

@@ -37,8 +37,8 @@ def test_signal_during_a_guest_command_stops_qemu(sig, tmp_path):
         proc.kill()
 
 
-def test_boot_panic_under_tcg_is_retried_once_and_kept(monkeypatch, tmp_path):
-    from vm import machine
+def test_boot_panic_under_tcg_is_retried_and_kept(monkeypatch, tmp_path):
+    from vm import guest as guest_mod, machine
     from vm.guest import Guest, GuestOptions
 
     original = machine.Machine._cmdline
@@ -56,5 +56,6 @@ def test_boot_panic_under_tcg_is_retried_once_and_kept(monkeypatch, tmp_path):
     # cold: a restore (vm/warm.py) would not boot the kernel at all
     with Guest(GuestOptions(run_dir=tmp_path, push_server=False, accel="tcg", cold=True)) as g:
         assert g.exec("echo up", timeout=30).stdout == "up\n"
-    assert len(calls) == 2
+    # two boots, or three when TCG's own early-boot panic (vm/machine.py TCG_APPEND) hit the second
+    assert 2 <= len(calls) <= guest_mod.BOOT_ATTEMPTS_TCG
     assert "Kernel panic" in (tmp_path / "console.boot-panic-1.log").read_text(errors="replace")

@@ -68,6 +68,18 @@ def test_add_command_of_each_target():
         "losetup --direct-io=on -f --show /f.img"
 
 
+def test_scheduler_is_set_through_sysfs_and_checked_not_passed_to_ublk_add():
+    d = device.Device(target="null", id=2, scheduler="mq-deadline")
+    assert "deadline" not in device.add_command(d)
+    assert device.scheduler_command(d, "/dev/ublkb2") == (
+        "echo mq-deadline > /sys/block/ublkb2/queue/scheduler && "
+        "grep -qF '[mq-deadline]' /sys/block/ublkb2/queue/scheduler")
+    assert device.scheduler_command(device.Device(target="kernel_loop", file="/f", scheduler="none"),
+                                    "/dev/loop3").startswith("echo none > /sys/block/loop3/")
+    assert device.scheduler_command(device.Device(target="null"), "/dev/ublkb0") == ""
+    assert all("scheduler" in t.settings() for t in device.TARGETS.values())
+
+
 def test_rules_name_the_setting():
     assert list(device.rules({"target": "null", "recovery_reissue": True})) == [
         ("recovery_reissue", "expected recovery = 1 as well (it modifies recovery)")]
@@ -97,3 +109,13 @@ def test_splat_patterns():
              "[ 3.0] INFO: task fio:99 blocked for more than 120 seconds.",
              "[ 4.0] BUG: KASAN: use-after-free in ublk_ch_release"]
     assert [k for k, _ in device.find_splats(lines)] == ["WARNING", "hung task", "BUG"]
+
+
+def test_a_splat_is_quoted_by_the_line_that_says_what_happened():
+    lines = ["[ 1.0] ------------[ cut here ]------------",
+             "[ 1.0] WARNING: CPU: 1 PID: 7 at drivers/block/ublk_drv.c:1234 ublk_ch_uring_cmd+0x1/0x2",
+             "[ 2.0] refcount_t: underflow; use-after-free."]
+    hits = device.find_splats(lines)
+    assert [k for k, _ in hits] == ["WARNING", "WARNING", "refcount"]
+    assert device.headline(hits) == lines[1].strip()
+    assert device.headline(hits[:1]) == lines[0].strip()   # only the marker: it is all there is

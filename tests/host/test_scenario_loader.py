@@ -243,6 +243,13 @@ def test_a_setting_of_another_target_names_what_this_one_takes(tmp_path):
     assert "not a null setting (null takes: target, size, queues, depth" in str(e)
 
 
+def test_scheduler_is_a_device_setting_of_every_target(tmp_path):
+    s = load(tmp_path, 'description = "d"\n' + DEVICE + 'scheduler = "mq-deadline"\n' + ADD_DEL)
+    assert s[0].devices["ubd"].scheduler == "mq-deadline"
+    e = error(tmp_path, 'description = "d"\n' + DEVICE + 'scheduler = "cfq"\n' + ADD_DEL)
+    assert e.key == "devices.ubd.scheduler" and "mq-deadline" in str(e) and "cfq" in str(e)
+
+
 FAULT_ADD_DEL = ADD_DEL.replace('"ubd"', '"f"')
 
 

@@ -5,7 +5,7 @@ node or server process may be left, and ublk_drv must unload. Then (always, pass
 is cleaned up so that the next case on it starts from nothing; if that fails, it is not reused."""
 from dataclasses import dataclass, field
 
-from ..device import find_splats
+from ..device import find_splats, headline
 from .errors import EXPECTATION, SPLAT
 
 # /proc/sys/kernel/tainted bits, as Documentation/admin-guide/tainted-kernels.rst names them.
@@ -62,7 +62,7 @@ def check(agent, kmsg_seq: int, taint_before: int, steps_passed: bool) -> Health
     if splats:
         h.splat_lines = [line for _, line in splats]
         kinds = sorted({k for k, _ in splats})
-        h.problems.append((SPLAT, f"kernel splat in dmesg ({', '.join(kinds)}): {splats[0][1]}"))
+        h.problems.append((SPLAT, f"kernel splat in dmesg ({', '.join(kinds)}): {headline(splats)}"))
     taint = agent.call("snapshot", timeout=30)["tainted"]
     h.new_taint = taint & ~taint_before
     if h.new_taint:

@@ -87,7 +87,7 @@ def step_add(ctx, step, timeout):
     if not d.is_ublk:
         r = ctx.check(f"{prep}modprobe loop && {device.add_command(d)}", timeout, f"losetup {d.file}")
         ctx.loop_devices[d.name] = r["stdout"].strip().splitlines()[-1]
-        return ctx.loop_devices[d.name]
+        return ctx.loop_devices[d.name] + _set_scheduler(ctx, d, timeout)
     if step.args["expect"] == "fails":
         return _add_fails(ctx, d, prep, timeout)
     ctx.check(prep + device.add_command(d), timeout, f"ublk add ({d.name})")
@@ -99,7 +99,15 @@ def step_add(ctx, step, timeout):
     ctx.daemon_pids[d.name] = info["daemon_pid"]
     for key in [k for k in ctx.stopped if k[0] == d.name]:   # pids of an earlier server
         del ctx.stopped[key]
-    return f"/dev/ublkb{d.id} LIVE, daemon pid {info['daemon_pid']}"
+    return f"/dev/ublkb{d.id} LIVE, daemon pid {info['daemon_pid']}" + _set_scheduler(ctx, d, timeout)
+
+
+def _set_scheduler(ctx, d, timeout) -> str:
+    cmd = device.scheduler_command(d, ctx.dev_path(d))
+    if not cmd:
+        return ""
+    ctx.check(cmd, timeout, f"I/O scheduler {d.scheduler} on {d.name}")
+    return f", scheduler {d.scheduler}"
 
 
 def _add_fails(ctx, d, prep, timeout):
