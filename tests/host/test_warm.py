@@ -163,10 +163,7 @@ def test_after_restore_command_sets_the_clock_writes_the_seed_and_reseeds(tmp_pa
     """Runs the command in a host shell, with `date` and `python3` replaced by recorders and the
     vmgenid device folder faked: the clock is set to the host's time, every seed byte reaches
     /dev/urandom through printf, and python3 (the explicit reseed) runs only without vmgenid."""
-    import shutil
     import subprocess
-    if shutil.which(shell) is None:
-        pytest.skip(f"{shell} is not installed on this host")
     bin_dir, calls = tmp_path / "bin", tmp_path / "calls"
     bin_dir.mkdir()
     for prog in ("date", "python3"):
