@@ -3,7 +3,7 @@
 The data lives in one shared anonymous mapping that the daemon makes before it forks its queue
 processes, so every queue reads and writes the same bytes. Requests are served at once with memmove;
 DISCARD and WRITE_ZEROES give whole pages back to the kernel (MADV_REMOVE) and zero the edges, so
-mkfs's discard of a whole device costs no memory. Pages are taken on first write.
+mkfs's discard of a whole device costs no memory. A page is taken when first touched.
 
 The data lives as long as the daemon: a device recovered after the daemon died starts zeroed, like a
 RAM disk after a power cut. Scenarios that check data across a recovery use loop."""
