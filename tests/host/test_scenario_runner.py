@@ -155,12 +155,32 @@ def test_kill_signals_the_listed_daemon_pid(tmp_path, make_runner):
 
 def test_splat_fails_a_passing_case_and_retires_the_guest(tmp_path, make_runner):
     warn = "[   12.5] WARNING: CPU: 1 PID: 99 at drivers/block/ublk_drv.c:1234 ublk_abort_queue"
-    r, boots = make_runner(FakeAgent(dmesg=["[ 1.0] ok", warn]), FakeAgent())
+    cut = "[   12.5] ------------[ cut here ]------------"
+    r, boots = make_runner(FakeAgent(dmesg=["[ 1.0] ok", cut, warn]), FakeAgent())
     res = r.run_case(case(tmp_path))
     assert res.kind == SPLAT and "WARNING" in res.message and warn.strip() in res.seen
+    assert res.message.endswith(warn.strip())   # the line that says what happened, not the marker
     assert res.where == "health check after the steps"
     r.run_case(case(tmp_path))
     assert len(boots) == 2
+
+
+class BuiltinUblkAgent(FakeAgent):
+    """A machine whose kernel has ublk built in (an ssh target): `modprobe -r` cannot unload it."""
+
+    def call(self, op, timeout=60, **req):
+        if op == "run" and req.get("cmd") == "modprobe -r ublk_drv":
+            self.calls.append((op, req))
+            return {"status": 1, "stdout": "", "stderr": "modprobe: FATAL: Module ublk_drv is builtin.",
+                    "elapsed": 0.1, "timed_out": False, "stuck": False}
+        return super().call(op, timeout, **req)
+
+
+def test_a_built_in_ublk_drv_is_not_a_failed_unload(tmp_path, make_runner):
+    r, boots = make_runner(BuiltinUblkAgent())
+    assert r.run_case(case(tmp_path)).kind == "passed"
+    r.run_case(case(tmp_path))
+    assert len(boots) == 1   # the machine is still clean: reused
 
 
 def test_leftover_device_is_a_failure(tmp_path, make_runner):
