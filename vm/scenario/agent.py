@@ -12,7 +12,11 @@ above 1, exist, and belong to the ubdsrv server (an empty pid once killed a peer
 `agent.py write_acked DIR MANIFEST SIZE COUNT` is the crash-consistency writer a scenario runs in
 the background: one file after another, each written, fsync()ed with its directory, and only then
 listed in MANIFEST (kept off the device under test). Every line of MANIFEST is a file the kernel
-acknowledged as durable; after a power cut each must read back intact."""
+acknowledged as durable; after a power cut each must read back intact.
+
+`agent.py closing_reads DEV SECONDS` is the reader of `partition_rescan`: rounds of Linux AIO direct
+reads of DEV whose file is closed as soon as they are submitted, so that the completion of the last
+one drops the last reference to the block device's file."""
 import base64
 import glob
 import hashlib
@@ -418,6 +422,51 @@ def write_acked(directory, manifest, size, count):
     os.close(dfd)
 
 
+# Linux AIO through syscall(2): the standard library has no binding (x86_64 numbers)
+NR_IO_SETUP, NR_IO_GETEVENTS, NR_IO_SUBMIT = 206, 208, 209
+IOCB = "<QIIHhIQQqQII"   # struct iocb: data, key, rw_flags, opcode, reqprio, fd, buf, nbytes, offset, ...
+IOCB_CMD_PREAD = 0
+AIO_BATCH, AIO_BLOCK = 32, 4096
+
+
+def closing_reads(dev, seconds):
+    """The reader behind `partition_rescan` (see the module doc). Prints how many rounds it did."""
+    import ctypes
+    import mmap
+    import random
+    import struct
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+
+    def call(nr, *args):
+        r = libc.syscall(nr, *args)
+        if r < 0:
+            raise OSError(ctypes.get_errno(), f"syscall {nr}: {os.strerror(ctypes.get_errno())}")
+        return r
+    ctx = ctypes.c_ulong(0)
+    call(NR_IO_SETUP, AIO_BATCH, ctypes.byref(ctx))
+    buf = mmap.mmap(-1, AIO_BATCH * AIO_BLOCK)   # page-aligned, as O_DIRECT needs
+    base = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    with open(f"/sys/class/block/{os.path.basename(os.path.realpath(dev))}/size") as f:
+        blocks = int(f.read()) * 512 // AIO_BLOCK
+    iocbs = (ctypes.c_char * struct.calcsize(IOCB) * AIO_BATCH)()
+    ptrs = (ctypes.c_void_p * AIO_BATCH)(*(ctypes.addressof(iocbs[i]) for i in range(AIO_BATCH)))
+    events = (ctypes.c_char * 32 * AIO_BATCH)()   # struct io_event
+    end, rounds = time.monotonic() + seconds, 0
+    while time.monotonic() < end:
+        fd = os.open(dev, os.O_RDONLY | os.O_DIRECT)
+        for i in range(AIO_BATCH):
+            struct.pack_into(IOCB, iocbs[i], 0, i, 0, 0, IOCB_CMD_PREAD, 0, fd, base + i * AIO_BLOCK,
+                             AIO_BLOCK, random.randrange(blocks) * AIO_BLOCK, 0, 0, 0)
+        n = call(NR_IO_SUBMIT, ctx, AIO_BATCH, ptrs)
+        os.close(fd)   # the reads in flight now hold the last references to the file
+        done = 0
+        while done < n:
+            done += call(NR_IO_GETEVENTS, ctx, 1, AIO_BATCH, events, None)
+        rounds += 1
+    print(f"{rounds} rounds of {AIO_BATCH} reads", flush=True)
+
+
 def op_ublk_ctrl(req):
     """A control command the `ublk` CLI does not offer (UPDATE_SIZE, QUIESCE_DEV), through the pushed
     ubdsrv package. Always reports the kernel's features and the device's flags, so a caller can
@@ -462,9 +511,12 @@ def main(argv):
     if argv[1:2] == ["write_acked"] and len(argv) == 6:
         write_acked(argv[2], argv[3], int(argv[4]), int(argv[5]))
         return 0
+    if argv[1:2] == ["closing_reads"] and len(argv) == 4:
+        closing_reads(argv[2], float(argv[3]))
+        return 0
     if argv[1:2] != ["serve"]:
-        print("usage: agent.py serve | call BASE64-JSON | write_acked DIR MANIFEST SIZE COUNT",
-              file=sys.stderr)
+        print("usage: agent.py serve | call BASE64-JSON | write_acked DIR MANIFEST SIZE COUNT | "
+              "closing_reads DEV SECONDS", file=sys.stderr)
         return 2
     print(json.dumps({"ready": True, "pid": os.getpid()}), flush=True)
     for line in sys.stdin:

@@ -270,6 +270,10 @@ STEPS = {
                           uses_device=False),
     "reboot": StepKind("clean reboot; the next steps run in the new boot", {}, timeout=300.0,
                        uses_device=False),
+    "partition_rescan": StepKind("re-read the partition table in a loop while AIO reads whose file "
+                                 "was closed mid-flight complete: the device's last fput lands on "
+                                 "the server's completion",
+                                 {"device": _dev(), "seconds": Field(number(1, 600), 20.0)}),
     "shell": StepKind("run a shell command in the guest (escape hatch)",
                       {"run": Field(text(what="a shell command"), required=True),
                        "expect_status": Field(integer(0, 255), 0)}, uses_device=False),
@@ -287,8 +291,8 @@ def default_timeout(kind: str, args: dict) -> float:
         return args["runtime"] + 120.0 if args["runtime"] else 600.0
     if kind == "wait_state":
         return args["within"] + 15.0
-    if kind == "sleep":
-        return args["seconds"] + 10.0
+    if kind in ("sleep", "partition_rescan"):
+        return args["seconds"] + (10.0 if kind == "sleep" else 60.0)
     if kind == "wait":
         return 600.0
     return spec.timeout

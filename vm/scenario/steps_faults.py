@@ -1,10 +1,13 @@
 """Fault steps on a live guest: freezing and thawing the server, its graceful stop, reloading the
-driver, and the control commands only newer kernels have (UPDATE_SIZE, QUIESCE_DEV).
+driver, the control commands only newer kernels have (UPDATE_SIZE, QUIESCE_DEV), and partition
+rescans racing the last close of the device.
 
 Same contract as steps.py: (ctx, step, timeout) -> a short note, or StepFailure."""
+import math
 import signal
 
 from .errors import EXPECTATION, TIMEOUT, StepFailure
+from .session import AGENT_REMOTE
 from .steps import _out, _signal, _target_pid, _ublk, collect_steps
 
 # What the server documents for SIGTERM (ubdsrv/daemon.py): the daemon stops the device and exits;
@@ -111,6 +114,22 @@ def _ctrl(ctx, d, cmd, need, data0=0, dev_flag=None) -> dict:
         raise StepFailure(EXPECTATION, f"{cmd} on {d.name} failed: {r['error']}",
                           expected="the command succeeds", seen=r["error"], evidence=["dmesg.txt"])
     return r
+
+
+def step_partition_rescan(ctx, step, timeout):
+    """BLKRRPART in a loop (each rescan holds the disk's open_mutex while it reads the partition
+    table through the server) while agent.py's closing_reads closes the device under its own AIO
+    reads. A driver that completes those reads with softirqs on runs the last fput, and so
+    blkdev_release, in the server's task: it waits for open_mutex, the rescan waits for the server,
+    and the step times out with both in the blocked-task dump (c258f5c4502c)."""
+    d = _ublk(ctx, step)
+    dev, secs = ctx.dev_path(d), step.args["seconds"]
+    cmd = (f"python3 {AGENT_REMOTE} closing_reads {dev} {secs:g} & reads=$!; "
+           f"end=$((SECONDS + {math.ceil(secs)})); n=0; "
+           f"while [ $SECONDS -lt $end ]; do blockdev --rereadpt {dev} 2>/dev/null; n=$((n + 1)); done; "
+           f"wait $reads && echo \"$n rescans\"")
+    out = ctx.check(cmd, timeout, f"partition_rescan on {d.name}")["stdout"].split("\n")
+    return ", ".join(line for line in out if line)
 
 
 def step_update_size(ctx, step, timeout):
