@@ -291,8 +291,10 @@ def default_timeout(kind: str, args: dict) -> float:
         return args["runtime"] + 120.0 if args["runtime"] else 600.0
     if kind == "wait_state":
         return args["within"] + 15.0
-    if kind in ("sleep", "partition_rescan"):
-        return args["seconds"] + (10.0 if kind == "sleep" else 60.0)
+    if kind == "sleep":
+        return args["seconds"] + 10.0
+    if kind == "partition_rescan":
+        return args["seconds"] + 60.0
     if kind == "wait":
         return 600.0
     return spec.timeout
