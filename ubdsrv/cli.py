@@ -286,11 +286,22 @@ def _is_ours(pid):
     return proc.is_server(pid)
 
 
+def _kill_if_ours(pid):
+    """SIGKILL pid if it is a server; True if the signal was sent. A server that exits between the
+    check and the kill (a daemon that just reported its failure does) is no error: it is gone."""
+    if not _is_ours(pid):
+        return False
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def _kill_servers(pids, log):
     for pid in pids:
-        if _is_ours(pid):
+        if _kill_if_ours(pid):
             log(f"del: SIGKILL server pid {pid}")
-            os.kill(pid, signal.SIGKILL)
 
 
 def _wait_gone(dev_id, timeout):
@@ -342,8 +353,8 @@ def _stop(dev_id, log, server_pid, grace=STOP_GRACE):
 def _remove(dev_id, log, server_pid=0, async_=False, failed_add=False):
     """STOP_DEV, wait for the server to leave /dev/ublkcN (kill it if it does not), DEL_DEV (which
     returns once the last opener of /dev/ublkbN closed it: the id is free then) or DEL_DEV_ASYNC."""
-    if failed_add and server_pid and _is_ours(server_pid):
-        os.kill(server_pid, signal.SIGKILL)   # a server that failed to start has nothing to drain
+    if failed_add and server_pid:
+        _kill_if_ours(server_pid)   # a server that failed to start has nothing to drain
     _stop(dev_id, log, server_pid)
     left = _wait_gone(dev_id, SERVER_EXIT_TIMEOUT)
     if left:
@@ -498,8 +509,8 @@ def cmd_recover(argv):
         try:
             pid = daemon.spawn(dev_id, info, st["target"], "recover", before_detach=ctrl.close)
         except daemon.SpawnError as e:
-            if e.pid and _is_ours(e.pid):
-                os.kill(e.pid, signal.SIGKILL)
+            if e.pid:
+                _kill_if_ours(e.pid)
             raise CliError(f"recover: server for device {dev_id} failed to start: {e} "
                            f"(log: {log.path})") from None
         info = ctrl.wait_state(dev_id, (uapi.UBLK_S_DEV_LIVE,), LIVE_TIMEOUT)

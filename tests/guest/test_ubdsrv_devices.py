@@ -175,8 +175,10 @@ def test_refusals_are_clear_and_leave_nothing_behind(g):
     r = sh(g, "UBDSRV_RING_FLAGS=0x80000000 ublk add -t null -n 5 -s 64M", ok=False)
     assert r.status == 1 and "server for device 5 failed to start" in r.stderr, r.stderr
     assert "io_uring_setup" in r.stderr and "/var/log/ubdsrv/dev5.log" in r.stderr, r.stderr
-    r = sh(g, "ls /dev/ublkc5 /dev/ublkb5 2>&1; ublk list -n 5", ok=False)
-    assert r.stdout.count("No such file") == 2 and "ENODEV" in r.stderr, r.stdout + r.stderr
+    left = sh(g, "ls /dev/ublkc5 /dev/ublkb5 2>&1; ublk list -n 5", ok=False)
+    assert left.stdout.count("No such file") == 2 and "ENODEV" in left.stderr, (
+        left.stdout + left.stderr + "\nthe add said: " + r.stderr
+        + sh(g, "tail -n 40 /var/log/ubdsrv/dev5.log", ok=False).stdout)
     sh(g, "ublk del -a")
     assert "dev id" not in sh(g, "ublk list").stdout
 

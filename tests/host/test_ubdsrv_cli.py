@@ -425,3 +425,32 @@ def test_getopt_long_items():
 def test_is_ours_refuses_dangerous_pids():
     for pid in (0, 1, -1, os.getpid()):
         assert not cli._is_ours(pid)
+
+
+def test_a_server_gone_between_check_and_kill_does_not_stop_the_cleanup(monkeypatch):
+    """A daemon that reports its failed start exits right after: `add` saw it alive, then its SIGKILL
+    found no process. The device must still be deleted (once a CI run was left with a DEAD device)."""
+    gone = subprocess.Popen(["true"])
+    gone.wait()                                          # reaped: its pid is no process now
+    monkeypatch.setattr(cli.proc, "is_server", lambda pid: True)   # ... but it was one when checked
+    deleted, lines = [], []
+
+    class FakeCtrl:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def del_dev(self, dev_id):
+            deleted.append(dev_id)
+
+    monkeypatch.setattr(cli, "Ctrl", FakeCtrl)
+    monkeypatch.setattr(cli, "_stop", lambda dev_id, log, pid: None)
+    monkeypatch.setattr(cli, "_wait_gone", lambda dev_id, timeout: [])
+    monkeypatch.setattr(cli, "bdev_holders", lambda dev_id: [])
+    monkeypatch.setattr(cli.daemon, "remove_state", lambda dev_id: None)
+    cli._remove(5, lines.append, gone.pid, failed_add=True)
+    assert deleted == [5] and lines[-1] == "del: device 5 deleted (DEL_DEV)"
+    cli._kill_servers([gone.pid], lines.append)
+    assert not any("SIGKILL" in line for line in lines), lines
